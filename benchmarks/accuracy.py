@@ -1,0 +1,144 @@
+"""Accuracy of the hybrid-network family and its baselines at an equal epoch budget.
+
+Each entry trains one recipe with the same data, epochs and batch size; the recipe's
+lr milestones and warm-up are scaled from its 200-epoch schedule to the budget, and its
+lr scaled linearly with the batch size (base batch: the recipe's own). The last epoch is
+evaluated on the full test set. Writes <out>/accuracy.json and <out>/accuracy.md.
+
+    python benchmarks/accuracy.py --epochs 6 --batch-size 128 --out benchmarks/results/fmnist-e6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from longtail.config import config_from_dict, deep_merge, load_config
+from longtail.engine.trainer import train
+
+# name in the table -> (recipe file under configs/<dataset>/, method overrides)
+ENTRIES: dict[str, tuple[str, dict]] = {
+    "ce": ("ce-r100.yaml", {}),
+    "ce-ce": ("hybrid-sc-r100.yaml", {"name": "ce-ce"}),
+    "two-stage-sc": ("hybrid-sc-r100.yaml", {"name": "two-stage-sc"}),
+    "hybrid-sc": ("hybrid-sc-r100.yaml", {}),
+    "hybrid-psc": ("hybrid-psc-r100.yaml", {}),
+    "hybrid-mpsc-m1": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 1}),
+    "hybrid-mpsc-m2": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 2}),
+    "hybrid-mpsc-m4": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 4}),
+}
+
+
+def budget_config(
+    recipe: Path, method: dict, epochs: int, batch_size: int | None, extra: dict
+) -> dict:
+    """The recipe shortened to ``epochs`` with its schedule scaled proportionally."""
+    cfg = load_config(recipe).model_dump(mode="json")
+    full = cfg["train"]["epochs"]
+    scale = epochs / full
+    optim = cfg["optim"]
+    optim["milestones"] = sorted({max(1, round(m * scale)) for m in optim["milestones"]})
+    optim["warmup_epochs"] = optim["warmup_epochs"] * scale
+    if batch_size is not None:
+        optim["lr"] = optim["lr"] * batch_size / cfg["train"]["batch_size"]
+        cfg["train"]["batch_size"] = batch_size
+    cfg["train"]["epochs"] = epochs
+    cfg["method"] = {**cfg["method"], **method}
+    if cfg["method"]["name"] == "two-stage-sc":
+        # the same share of the budget as the 30-of-200 recipe, at least one epoch
+        cfg["method"]["classifier_epochs"] = max(1, round(30 * scale))
+    return deep_merge(cfg, extra)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion-mnist", help="folder under configs/")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=128, help="both branches; lr scaled")
+    p.add_argument("--entries", nargs="*", default=list(ENTRIES), choices=list(ENTRIES))
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value for all")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
+    args = p.parse_args()
+
+    from longtail.config import parse_overrides
+
+    extra = parse_overrides(args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "accuracy.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.setdefault("runs", {})
+    results["hardware"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    results["budget"] = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "dataset": args.dataset,
+        "overrides": args.overrides,
+    }
+    for name in args.entries:
+        if name in results["runs"]:
+            print(f"{name}: done already, skipping", flush=True)
+            continue
+        recipe, method = ENTRIES[name]
+        raw = budget_config(
+            Path("configs") / args.dataset / recipe, method, args.epochs, args.batch_size, extra
+        )
+        raw["name"] = name
+        cfg = config_from_dict(raw)
+        run_dir = args.out / "runs" / name
+        t0 = time.perf_counter()
+        res = train(cfg, run_dir, progress=False)
+        wall = time.perf_counter() - t0
+        results["runs"][name] = {
+            "top1": res["top1"],
+            "many": res["many"],
+            "medium": res["medium"],
+            "few": res["few"],
+            "ece": res["ece"],
+            "wall_s": wall,
+            "epochs": args.epochs,
+            "method": raw["method"],
+            "lr": raw["optim"]["lr"],
+            "milestones": raw["optim"]["milestones"],
+        }
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"{name}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
+    write_table(results, args.out / "accuracy.md")
+
+
+def write_table(results: dict, path: Path) -> None:
+    b, hw = results["budget"], results["hardware"]
+    lines = [
+        f"Budget run: dataset `{b['dataset']}` (ratio 100), {b['epochs']} epochs, "
+        f"batch {b['batch_size']} per branch; {hw['cpu']}, {hw['cores']} cores, "
+        f"CUDA: {hw['cuda']}, torch {hw['torch']}.",
+        "",
+        "| method | top-1 | many | medium | few | ECE | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+
+        def f(v):
+            return "-" if v is None else f"{v:.4f}"
+
+        lines.append(
+            f"| {name} | {f(r['top1'])} | {f(r['many'])} | {f(r['medium'])} | "
+            f"{f(r['few'])} | {f(r['ece'])} | {r['wall_s']:.0f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The ``longtail`` command line.
+
+Errors caused by input (a ``LongtailError``) print one line on stderr and exit with the
+error's code (2 for usage errors); they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from longtail.errors import LongtailError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Long-tailed image classification: hybrid contrastive networks and baselines.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch datasets.")
+app.add_typer(data_app, name="data")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+
+
+def _default_out(name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... so an earlier run is never overwritten."""
+    base = Path("runs") / name
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value override, e.g. optim.lr=0.05")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>)")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run in --out from its checkpoint")
+    ] = False,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="default: on a terminal")
+    ] = None,
+) -> None:
+    """Train a recipe; the last epoch is evaluated on the test split."""
+    from longtail.config import load_config
+    from longtail.engine.trainer import train as run_training
+
+    if resume and out is None:
+        raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+    cfg = load_config(config, overrides or [])
+    out = out or _default_out(cfg.name)
+    res = run_training(cfg, out, resume=resume, progress=progress)
+    groups = "  ".join(f"{g} {res[g]:.4f}" for g in ("many", "medium", "few") if res[g] is not None)
+    print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
+    print(f"run directory: {out}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a directory written by `longtail train`")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
+    checkpoint: Annotated[str, typer.Option(help="last, or best (validation split only)")] = "last",
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+) -> None:
+    """Evaluate a run's checkpoint: top-1, many/medium/few, per-class accuracy, ECE."""
+    from longtail.engine.trainer import evaluate_run
+
+    if checkpoint not in ("last", "best"):
+        raise UsageError(f"--checkpoint {checkpoint!r}: use last or best")
+    if split not in ("test", "val"):
+        raise UsageError(f"--split {split!r}: use test or val")
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} does not exist")
+    res = evaluate_run(run_dir, checkpoint=checkpoint, split=split)
+    if as_json:
+        _print_json({k: v for k, v in res.items() if k != "confusion"})
+        return
+    print(f"{split} ({checkpoint}, epoch {res['epoch']}): top-1 {res['top1']:.4f}")
+    for g in ("many", "medium", "few"):
+        if res[g] is not None:
+            print(f"  {g:<6} {res[g]:.4f}")
+    print(f"  ECE    {res['ece']:.4f}")
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the registered methods."""
+    from longtail.methods import METHODS
+
+    rows = [
+        {"name": n, "description": ((METHODS.get(n).__doc__ or "").strip().splitlines() or [""])[0]}
+        for n in METHODS.names()
+    ]
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        print(f"{r['name']:<16} {r['description']}")
+
+
+@data_app.command("stats")
+def data_stats(
+    dataset: Annotated[str, typer.Argument(help="cifar10, cifar100, fashion-mnist, or a path")],
+    ratio: Annotated[float | None, typer.Option(help="imbalance ratio n_max/n_min")] = None,
+    profile: Annotated[str, typer.Option(help="exp or step")] = "exp",
+    root: Annotated[Path | None, typer.Option(help="dataset folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Class counts and many/medium/few groups of the long-tailed training set."""
+    from longtail.data import (
+        DATASETS,
+        class_counts,
+        load_source,
+        long_tail_indices,
+        source_from_path,
+    )
+    from longtail.evaluation.metrics import shot_groups
+
+    if dataset in DATASETS:
+        source = load_source(dataset, root, "train")
+    elif Path(dataset).exists():
+        source = source_from_path(dataset, "train")
+    else:
+        raise UsageError(
+            f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS.names())} "
+            "or the path of an image folder, list file or JSON annotation file"
+        )
+    targets = source.targets
+    if ratio is not None:
+        targets = targets[long_tail_indices(targets, ratio, profile)]
+    counts = class_counts(targets, source.num_classes).tolist()
+    stats = {
+        "num_classes": source.num_classes,
+        "counts": counts,
+        "total": int(sum(counts)),
+        "groups": shot_groups(counts),
+    }
+    if as_json:
+        _print_json(stats)
+        return
+    print(f"{dataset}: {stats['num_classes']} classes, {stats['total']} training images")
+    print(f"  largest {max(counts)}, smallest {min(counts)}")
+    for g, members in stats["groups"].items():
+        print(f"  {g:<6} {len(members)} classes")
+
+
+@data_app.command("download")
+def data_download(
+    dataset: Annotated[str, typer.Argument(help="fashion-mnist, cifar10 or cifar100")],
+    root: Annotated[
+        Path | None, typer.Option(help="where to put it (default: the dataset's default root)")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="only check that it is present")] = False,
+) -> None:
+    """Download a dataset with torchvision unless it is already present (needs internet)."""
+    from longtail.data import default_root, download, load_source
+    from longtail.errors import DataError
+
+    if dataset not in ("fashion-mnist", "cifar10", "cifar100"):
+        raise UsageError(f"cannot download {dataset!r}; valid: cifar10, cifar100, fashion-mnist")
+    where = root or default_root(dataset)
+    try:
+        load_source(dataset, where, "train")
+        print(f"{dataset} is present in {where}")
+        return
+    except DataError:
+        if check:
+            raise
+    path = download(dataset, where)
+    print(f"{dataset} is in {path}")
+
+
+def main() -> None:
+    """Entry point of the ``longtail`` console script."""
+    try:
+        app(standalone_mode=False)
+    except LongtailError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(
+            "interrupted; the last finished epoch is saved (continue with --resume)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

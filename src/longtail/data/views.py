@@ -1,0 +1,138 @@
+"""Augmentation recipes ("views") built with torchvision.transforms.v2.
+
+Every pipeline starts with ``ToImage`` (so it accepts PIL images and uint8 (C, H, W) tensors)
+and ends with float conversion to [0, 1] and per-channel normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from longtail.errors import UsageError
+from longtail.registry import Registry
+
+# Images up to this side get the CIFAR-style treatment (pad-and-crop, no centre crop margin).
+SMALL_MAX = 64
+# Evaluation resize for large images: the usual 224 / 256 centre-crop fraction.
+CROP_FRACTION = 0.875
+
+ViewBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
+VIEWS: Registry[ViewBuilder] = Registry("view")
+
+
+def _wrap(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *steps,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def _grayscale(channels: int) -> list[Any]:
+    # A grey image is already grey; RandomGrayscale would only cost time.
+    return [v2.RandomGrayscale(p=0.2)] if channels == 3 else []
+
+
+def _jitter(channels: int) -> list[Any]:
+    # Saturation and hue are undefined for one channel, so grey images get brightness/contrast.
+    jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1) if channels == 3 else v2.ColorJitter(0.4, 0.4)
+    return [v2.RandomApply([jitter], p=0.8)]
+
+
+def _crop_flip(size: int) -> list[Any]:
+    # Resize is a no-op for images already at `size`, so native CIFAR/MNIST images pass through.
+    return [v2.Resize(size), v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+
+
+def _resized_crop_flip(size: int) -> list[Any]:
+    return [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+
+
+@VIEWS.register("test")
+def _test(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    if size <= SMALL_MAX:
+        return _wrap([v2.Resize(size), v2.CenterCrop(size)], mean, std)
+    return _wrap([v2.Resize(int(size / CROP_FRACTION)), v2.CenterCrop(size)], mean, std)
+
+
+@VIEWS.register("crop-flip")
+def _cf(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_crop_flip(size), mean, std)
+
+
+@VIEWS.register("hybrid")
+def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_crop_flip(size) + _grayscale(channels), mean, std)
+
+
+@VIEWS.register("hybrid-jitter")
+def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
+
+
+@VIEWS.register("imagenet")
+def _inet(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_resized_crop_flip(size), mean, std)
+
+
+@VIEWS.register("imagenet-hybrid")
+def _ih(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_resized_crop_flip(size) + _grayscale(channels), mean, std)
+
+
+@VIEWS.register("imagenet-hybrid-jitter")
+def _ihj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return _wrap(_resized_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
+
+
+def build_view(
+    name: str, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Any], torch.Tensor]:
+    """Build a registered augmentation pipeline.
+
+    Args:
+        name: One of ``VIEWS.names()``.
+        image_size: Side of the square output.
+        channels: 1 or 3; must match the images and ``mean``/``std``.
+        mean: Per-channel normalisation mean in [0, 1] units.
+        std: Per-channel normalisation std in [0, 1] units.
+
+    Returns:
+        A callable mapping a PIL image or uint8 tensor to a normalised float tensor.
+    """
+    builder = VIEWS.get(name)
+    if channels not in (1, 3):
+        raise UsageError(f"channels must be 1 or 3; got {channels}")
+    if len(mean) != channels or len(std) != channels:
+        raise UsageError(f"mean and std need {channels} value(s); got {mean} and {std}")
+    if image_size < 1:
+        raise UsageError(f"image size must be >= 1; got {image_size}")
+    return builder(int(image_size), channels, mean, std)
+
+
+class MultiView:
+    """Apply several transforms to the same image, e.g. two augmented views for contrastive
+    learning.
+
+    Args:
+        transforms: One transform per view.
+    """
+
+    def __init__(self, transforms: Sequence[Callable[[Any], torch.Tensor]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, x: Any) -> list[torch.Tensor]:
+        return [t(x) for t in self.transforms]
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __repr__(self) -> str:
+        return f"MultiView({self.transforms!r})"

@@ -1,0 +1,1 @@
+"""The training engine: knows loops, schedules and checkpoints, never a paper."""

@@ -1,0 +1,183 @@
+"""The data of one run: the long-tailed training set, the evaluation splits, and loaders.
+
+Methods ask this object for the loaders their branches need (sampler, batch size, views);
+it knows nothing of any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from longtail.config import DataConfig
+from longtail.data import (
+    KPerClassBatchSampler,
+    LTDataset,
+    MultiView,
+    Source,
+    build_sampler,
+    build_view,
+    check_counts,
+    class_counts,
+    load_source,
+    long_tail_indices,
+)
+from longtail.errors import DataError
+from longtail.evaluation.metrics import shot_groups
+
+
+@dataclass
+class RunData:
+    """Training indices, counts and sources of one run, plus loader factories."""
+
+    cfg: DataConfig
+    train_source: Source
+    train_indices: np.ndarray
+    test_source: Source | None
+    val_source: Source | None
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    pin_memory: bool = False
+    _views: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
+        options: dict[str, Any] = {"files": cfg.files} if cfg.files else {}
+        train = load_source(cfg.dataset, cfg.root, "train", **options)
+        if cfg.ratio is None and cfg.n_max is None:
+            indices = np.arange(len(train))
+        else:
+            indices = long_tail_indices(
+                train.targets, cfg.ratio or 1.0, cfg.profile, seed=cfg.seed, n_max=cfg.n_max
+            )
+        counts = class_counts(train.targets[indices], train.num_classes)
+        check_counts(counts, train.classes)
+        if cfg.dataset in ("list", "json"):  # a split's file may lack the last classes
+            options["num_classes"] = train.num_classes
+        test = load_source(cfg.dataset, cfg.root, "test", **options) if need_test else None
+        val = (
+            load_source(cfg.dataset, cfg.root, cfg.val_split, **options) if cfg.val_split else None
+        )
+        for other in (test, val):
+            if other is not None and other.num_classes != train.num_classes:
+                raise DataError(
+                    f"{cfg.dataset}: train has {train.num_classes} classes but an evaluation "
+                    f"split has {other.num_classes}; give num_classes or fix the label files"
+                )
+        return cls(cfg, train, indices, test, val, seed=seed)
+
+    # -- facts about the training set -------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.train_source.num_classes
+
+    @property
+    def channels(self) -> int:
+        return self.train_source.channels
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train_source.targets[self.train_indices]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return class_counts(self.train_labels, self.num_classes)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        return shot_groups(self.counts.tolist())
+
+    def __len__(self) -> int:
+        return len(self.train_indices)
+
+    # -- loaders ----------------------------------------------------------------------
+    def view(self, name: str) -> Any:
+        if name not in self._views:
+            src = self.train_source
+            self._views[name] = build_view(
+                name, self.cfg.image_size, src.channels, src.mean, src.std
+            )
+        return self._views[name]
+
+    def train_loader(
+        self,
+        *,
+        sampler: str,
+        batch_size: int,
+        views: str | Sequence[str],
+        k_per_class: int | None = None,
+        **sampler_options: Any,
+    ) -> DataLoader:
+        """A training loader; ``views`` as a list gives a list of augmented views per image.
+
+        Args:
+            sampler: Sampler name (instance, class-balanced, ...); ignored when
+                ``k_per_class`` is set, which draws ``batch_size // k`` classes with k
+                images each.
+            batch_size: Images per step (per process).
+            views: One augmentation recipe name, or several for a multi-view batch.
+            k_per_class: Build batches of k same-class images per sampled class.
+            **sampler_options: Passed to the sampler (e.g. ``total_epochs``).
+        """
+        transform = (
+            self.view(views) if isinstance(views, str) else MultiView([self.view(v) for v in views])
+        )
+        dataset = LTDataset(self.train_source, self.train_indices, transform)
+        labels = self.train_labels
+        common = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        if len(labels) < batch_size:
+            raise DataError(
+                f"the training set has {len(labels)} images, fewer than one batch of "
+                f"{batch_size}; lower train.batch_size"
+            )
+        if k_per_class:
+            batches = KPerClassBatchSampler(labels, batch_size, k_per_class, **common)
+            return self._loader(dataset, batch_sampler=batches)
+        s = build_sampler(sampler, labels, **common, **sampler_options)
+        return self._loader(dataset, sampler=s, batch_size=batch_size, drop_last=True)
+
+    def eval_loader(
+        self, split: str = "test", batch_size: int = 256, view: str = "test"
+    ) -> DataLoader:
+        source = {"test": self.test_source, "val": self.val_source, "train": self.train_source}[
+            split
+        ]
+        if source is None:
+            raise DataError(f"{self.cfg.dataset} has no {split!r} split loaded for evaluation")
+        indices = self.train_indices if split == "train" else None
+        dataset = LTDataset(source, indices, self.view(view))
+        return self._loader(dataset, batch_size=batch_size, shuffle=False)
+
+    def _loader(self, dataset: LTDataset, **kw: Any) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            **kw,
+        )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Re-seed a loader's sampler for ``epoch`` (samplers are functions of seed and epoch)."""
+    for s in (loader.sampler, loader.batch_sampler):
+        if hasattr(s, "set_epoch"):
+            s.set_epoch(epoch)
+
+
+def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move tensors (nested in lists/tuples) to ``device``; images optionally to NHWC."""
+    if isinstance(x, torch.Tensor):
+        if channels_last and x.dim() == 4:
+            return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device, channels_last) for v in x)
+    return x

@@ -1,0 +1,25 @@
+"""Backbones (feature extractors) and heads (classifiers, projection, prototypes)."""
+
+from longtail.models.backbones import BACKBONES, ConvNetTiny, build_backbone
+from longtail.models.heads import (
+    CLASSIFIERS,
+    CosineClassifier,
+    LinearClassifier,
+    ProjectionMLP,
+    PrototypeBank,
+    build_classifier,
+)
+from longtail.models.resnet_cifar import ResNetCifar
+
+__all__ = [
+    "BACKBONES",
+    "CLASSIFIERS",
+    "ConvNetTiny",
+    "CosineClassifier",
+    "LinearClassifier",
+    "ProjectionMLP",
+    "PrototypeBank",
+    "ResNetCifar",
+    "build_backbone",
+    "build_classifier",
+]

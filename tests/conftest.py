@@ -1,0 +1,73 @@
+import gzip
+import pathlib
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+# Tests run against the source tree even before `pip install -e .`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+# Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine two threads
+# per process made model tests 10-40x slower.
+torch.set_num_threads(1)
+
+FMNIST_ROOT = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an idx file: magic 0x0000 08 <ndim>, big-endian dims, data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def make_fashion_mnist(
+    root: pathlib.Path,
+    train_per_class: int = 40,
+    test_per_class: int = 8,
+    num_classes: int = 10,
+    gz: bool = True,
+    seed: int = 0,
+) -> pathlib.Path:
+    """A tiny learnable Fashion-MNIST: class c is a bright 8x8 square at a class-specific spot."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.repeat(np.arange(num_classes), per_class).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(len(labels), 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 4)
+            images[i, 2 + 6 * r : 10 + 6 * r, 2 + 6 * q : 10 + 6 * q] = 220
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", labels)
+    return root
+
+
+@pytest.fixture
+def tiny_fmnist(tmp_path: pathlib.Path) -> pathlib.Path:
+    return make_fashion_mnist(tmp_path / "fmnist")
+
+
+def tiny_config(root: pathlib.Path, **sections) -> dict:
+    """A config dict that trains for one short epoch on ``tiny_fmnist``."""
+    cfg = {
+        "name": "tiny",
+        "method": {"name": "ce"},
+        "data": {"dataset": "fashion-mnist", "root": str(root), "ratio": 4, "image_size": 28},
+        "model": {"backbone": "convnet-tiny", "projection_hidden": 32, "projection_dim": 16},
+        "train": {"epochs": 1, "batch_size": 16, "view": "crop-flip", "device": "cpu"},
+        "optim": {"lr": 0.05, "milestones": [], "weight_decay": 0.0},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from longtail.config import Config, load_config, parse_overrides
+from longtail.errors import UsageError
+
+CONFIGS = sorted(
+    p
+    for p in Path(__file__).parents[1].joinpath("configs").rglob("*.yaml")
+    if not p.name.startswith("_")
+)
+
+
+def test_there_are_recipes():
+    assert len(CONFIGS) >= 40
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.method_name
+    assert cfg.train.epochs >= 1
+
+
+def test_paper_hybrid_recipe_values():
+    cfg = load_config(Path("configs/cifar100/hybrid-psc-r100.yaml"))
+    assert cfg.method == {"name": "hybrid-psc", "temperature": 0.1, "curriculum": "parabolic"}
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.train.batch_size) == (0.5, [120, 160], 512)
+    assert load_config(Path("configs/cifar10/hybrid-psc-r100.yaml")).method["temperature"] == 1.0
+
+
+def test_overrides_are_parsed_as_yaml():
+    assert parse_overrides(["optim.lr=0.05", "optim.milestones=[3, 4]", "data.ratio=null"]) == {
+        "optim": {"lr": 0.05, "milestones": [3, 4]},
+        "data": {"ratio": None},
+    }
+    cfg = load_config(None, ["train.epochs=3", "method.name=hybrid-sc", "method.temperature=0.2"])
+    assert cfg.train.epochs == 3 and cfg.method["temperature"] == 0.2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.epochz=3"], "train.epochz"),
+        (["train.epochs=abc"], "train.epochs"),
+        (["data.ratio=0.5"], "data.ratio"),
+        (["method.name=nope"], "hybrid-sc"),  # lists the valid names
+        (["method.temprature=0.1"], "method.temprature"),
+        (["method.name=hybrid-sc", "method.con_sampler=nope"], "class-balanced"),
+        (["bogus=1"], "bogus"),
+        (["optim.schedule=step"], "optim.schedule"),
+    ],
+)
+def test_bad_config_is_a_usage_error_naming_the_field(overrides, needle):
+    with pytest.raises(UsageError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_needs_equals_sign():
+    with pytest.raises(UsageError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_base_files_merge(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  batch_size: 32\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (9, 32)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_defaults_are_valid():
+    assert Config().method_name == "ce"

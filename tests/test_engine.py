@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from longtail.config import config_from_dict
+from longtail.engine import trainer
+from longtail.engine.checkpoint import load_checkpoint
+from longtail.errors import UsageError
+from longtail.methods import METHODS
+
+
+def _read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ce_run_writes_everything(tiny_fmnist, tmp_path):
+    cfg = config_from_dict(tiny_config(tiny_fmnist, train={"epochs": 2, "eval_every": 1}))
+    run = tmp_path / "run"
+    res = trainer.train(cfg, run, progress=False)
+    assert 0 <= res["top1"] <= 1 and len(res["per_class"]) == 10
+    for name in (
+        "config.yaml",
+        "data.json",
+        "metrics.jsonl",
+        "eval_test.json",
+        "checkpoints/last.pt",
+    ):
+        assert (run / name).is_file(), name
+    rows = _read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "test/top1" in rows[0] and rows[0]["train/loss"] > 0
+    data = json.loads((run / "data.json").read_text())
+    assert (
+        data["counts"][0] == 40
+        and data["counts"][-1] == 10
+        and data["total"] == sum(data["counts"])
+    )
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_existing_run_dir_is_never_overwritten(tiny_fmnist, tmp_path):
+    cfg = config_from_dict(tiny_config(tiny_fmnist))
+    run = tmp_path / "run"
+    trainer.train(cfg, run, progress=False)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(UsageError, match="already exists"):
+        trainer.train(cfg, run, progress=False)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.raises(UsageError, match="no checkpoint"):
+        trainer.train(cfg, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
+    raw = tiny_config(tiny_fmnist, train={"epochs": 3})
+    full = tmp_path / "full"
+    trainer.train(config_from_dict(raw), full, progress=False)
+
+    original = METHODS.get("ce").on_epoch_start
+
+    def crash_at_epoch_2(self, model, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, model, epoch)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config_from_dict(raw), cut, progress=False)
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", original)
+    trainer.train(config_from_dict(raw), cut, resume=True, progress=False)
+
+    a = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["epoch"] for r in _read_metrics(cut)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains(method, tiny_fmnist, tmp_path):
+    extra = {"classifier_epochs": 1} if method == "two-stage-sc" else {}
+    cfg = config_from_dict(
+        tiny_config(
+            tiny_fmnist, method={"name": method, **extra}, train={"epochs": 2, "batch_size": 8}
+        )
+    )
+    res = trainer.train(cfg, tmp_path / method, progress=False)
+    assert 0 <= res["top1"] <= 1
+    rows = _read_metrics(tmp_path / method)
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    if method.startswith(("hybrid", "ce-ce")):
+        assert "alpha" in rows[0] and rows[0]["alpha"] > rows[1]["alpha"] == 0.0
+        assert "train/con" in rows[0] and "train/ce" in rows[0]
+    if method == "two-stage-sc":
+        assert [r["stage"] for r in rows] == ["features", "classifier"]
+        assert "train/con" in rows[0] and "train/ce" in rows[1]
+
+
+def test_two_stage_freezes_the_backbone(tiny_fmnist, tmp_path, monkeypatch):
+    raw = tiny_config(
+        tiny_fmnist,
+        method={"name": "two-stage-sc", "classifier_epochs": 1},
+        train={"epochs": 2, "batch_size": 8},
+    )
+    cfg = config_from_dict(raw)
+    assert [(s.name, s.epochs) for s in trainer.build_method(cfg).stages()] == [
+        ("features", 1),
+        ("classifier", 1),
+    ]
+    saved = []
+    real_save = trainer.save_checkpoint
+
+    def record(state, path):
+        saved.append({k: v.clone() for k, v in state["model"].items()})
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", record)
+    trainer.train(cfg, tmp_path / "r", progress=False)
+    after_features, after_classifier = saved
+    for k, v in after_features.items():
+        if k.startswith("classifier."):
+            assert not torch.equal(v, after_classifier[k]), k  # the classifier learns
+        else:
+            # backbone weights, BN running statistics and projector stay frozen
+            assert torch.equal(v, after_classifier[k]), k
