@@ -100,6 +100,10 @@ def test_train_then_evaluate(tiny_fmnist, tmp_path, monkeypatch, capsys):
         (["data", "stats", "nosuchset"], 2, "cifar10"),
         (["evaluate", "/no/such/run"], 2, "/no/such/run"),
         (["train", "--config", "/no/such.yaml"], 2, "/no/such.yaml"),
+        (["train", "--bogus"], 2, "--bogus"),
+        (["data", "stats"], 2, "dataset"),
+        (["data", "stats", "cifar10", "--ratio", "abc"], 2, "--ratio"),
+        (["nosuchcommand"], 2, "nosuchcommand"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, code, needle, monkeypatch, capsys, tmp_path):
@@ -228,3 +232,27 @@ def test_best_checkpoint_comes_from_the_validation_split(tmp_path, monkeypatch, 
     res = json.loads(out)
     assert res["epoch"] == best_epoch and res["checkpoint"] == "best"
     assert res["top1"] == max(r["val/top1"] for r in rows)
+
+
+def test_data_stats_n_max_sets_the_head(tmp_path, monkeypatch, capsys):
+    root = make_fashion_mnist(tmp_path / "f", train_per_class=60)
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "stats",
+        "fashion-mnist",
+        "--ratio",
+        10,
+        "--n-max",
+        30,
+        "--root",
+        root,
+        "--json",
+    )
+    counts = json.loads(out)["counts"]
+    assert code == 0 and counts[0] == 30 and counts[-1] == 3
+    code, _, err = run_cli(
+        monkeypatch, capsys, "data", "stats", "fashion-mnist", "--n-max", 30, "--root", root
+    )
+    assert code == 2 and "--ratio" in err

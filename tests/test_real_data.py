@@ -17,14 +17,16 @@ pytestmark = [
 @pytest.mark.parametrize("method", ["hybrid-sc", "hybrid-psc", "hybrid-mpsc"])
 def test_every_loss_term_decreases(method, tmp_path):
     # Fashion-MNIST-LT with n_max 300 (ratio 100: 300 ... 3 images per class, 720 in all).
-    cfg = config_from_dict({
-        "name": method,
-        "method": {"name": method, "temperature": 0.1, "curriculum": "constant", "alpha": 0.5},
-        "data": {"dataset": "fashion-mnist", "ratio": 100, "n_max": 300, "image_size": 28},
-        "model": {"backbone": "convnet-tiny", "projection_hidden": 64, "projection_dim": 32},
-        "train": {"epochs": 4, "batch_size": 64, "device": "cpu"},
-        "optim": {"lr": 0.05, "schedule": "constant", "weight_decay": 0.0},
-    })
+    cfg = config_from_dict(
+        {
+            "name": method,
+            "method": {"name": method, "temperature": 0.1, "curriculum": "constant", "alpha": 0.5},
+            "data": {"dataset": "fashion-mnist", "ratio": 100, "n_max": 300, "image_size": 28},
+            "model": {"backbone": "convnet-tiny", "projection_hidden": 64, "projection_dim": 32},
+            "train": {"epochs": 4, "batch_size": 64, "device": "cpu"},
+            "optim": {"lr": 0.05, "schedule": "constant", "weight_decay": 0.0},
+        }
+    )
     res = trainer.train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for term in ("train/con", "train/ce", "train/loss"):

@@ -115,6 +115,9 @@ def data_stats(
     dataset: Annotated[str, typer.Argument(help="cifar10, cifar100, fashion-mnist, or a path")],
     ratio: Annotated[float | None, typer.Option(help="imbalance ratio n_max/n_min")] = None,
     profile: Annotated[str, typer.Option(help="exp or step")] = "exp",
+    n_max: Annotated[
+        int | None, typer.Option(help="images of the largest class (default: all it has)")
+    ] = None,
     root: Annotated[Path | None, typer.Option(help="dataset folder")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -138,8 +141,12 @@ def data_stats(
             "or the path of an image folder, list file or JSON annotation file"
         )
     targets = source.targets
+    if n_max is not None and n_max < 1:
+        raise UsageError(f"--n-max must be a positive number of images, got {n_max}")
     if ratio is not None:
-        targets = targets[long_tail_indices(targets, ratio, profile)]
+        targets = targets[long_tail_indices(targets, ratio, profile, n_max=n_max)]
+    elif n_max is not None:
+        raise UsageError("--n-max needs --ratio (it sets the head of the long-tail profile)")
     counts = class_counts(targets, source.num_classes).tolist()
     stats = {
         "num_classes": source.num_classes,
@@ -185,7 +192,7 @@ def data_download(
 def main() -> None:
     """Entry point of the ``longtail`` console script."""
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="longtail")
     except LongtailError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -199,12 +206,24 @@ def main() -> None:
         )
         sys.exit(130)
     except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
+        if not isinstance(e, _click_exceptions()):
+            raise
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "longtail"
+        print(f"error: {e.format_message()} (see {where} --help)", file=sys.stderr)
+        sys.exit(e.exit_code)
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """ClickException from click, or from the copy that typer >= 0.29 vendors."""
+    import contextlib
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(importlib.import_module(module).ClickException)
+    return tuple(found)
 
 
 if __name__ == "__main__":
