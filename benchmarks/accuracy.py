@@ -5,7 +5,9 @@ lr milestones and warm-up are scaled from its 200-epoch schedule to the budget, 
 lr scaled linearly with the batch size (base batch: the recipe's own). The last epoch is
 evaluated on the full test set. Writes <out>/accuracy.json and <out>/accuracy.md.
 
-    python benchmarks/accuracy.py --epochs 6 --batch-size 128 --out benchmarks/results/fmnist-e6
+    python benchmarks/accuracy.py --epochs 6 --batch-size 128 --seeds 0 1 --out benchmarks/results/x
+
+A finished (entry, seed) is skipped on a re-run, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +66,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128, help="both branches; lr scaled")
     p.add_argument("--entries", nargs="*", default=list(ENTRIES), choices=list(ENTRIES))
+    p.add_argument(
+        "--seeds", nargs="*", type=int, default=[0], help="training seeds; the data subset is fixed"
+    )
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value for all")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = p.parse_args()
@@ -88,54 +94,65 @@ def main() -> None:
         "overrides": args.overrides,
     }
     for name in args.entries:
-        if name in results["runs"]:
-            print(f"{name}: done already, skipping", flush=True)
-            continue
-        recipe, method = ENTRIES[name]
-        raw = budget_config(
-            Path("configs") / args.dataset / recipe, method, args.epochs, args.batch_size, extra
-        )
-        raw["name"] = name
-        cfg = config_from_dict(raw)
-        run_dir = args.out / "runs" / name
-        t0 = time.perf_counter()
-        res = train(cfg, run_dir, progress=False)
-        wall = time.perf_counter() - t0
-        results["runs"][name] = {
-            "top1": res["top1"],
-            "many": res["many"],
-            "medium": res["medium"],
-            "few": res["few"],
-            "ece": res["ece"],
-            "wall_s": wall,
-            "epochs": args.epochs,
-            "method": raw["method"],
-            "lr": raw["optim"]["lr"],
-            "milestones": raw["optim"]["milestones"],
-        }
-        results_path.write_text(json.dumps(results, indent=1))
-        print(f"{name}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
+        for seed in args.seeds:
+            key = f"{name}@seed{seed}"
+            if key in results["runs"]:
+                print(f"{key}: done already, skipping", flush=True)
+                continue
+            recipe, method = ENTRIES[name]
+            raw = budget_config(
+                Path("configs") / args.dataset / recipe, method, args.epochs, args.batch_size, extra
+            )
+            raw["name"], raw["seed"] = name, seed
+            cfg = config_from_dict(raw)
+            t0 = time.perf_counter()
+            res = train(cfg, args.out / "runs" / key, progress=False)
+            wall = time.perf_counter() - t0
+            results["runs"][key] = {
+                "entry": name,
+                "seed": seed,
+                **{k: res[k] for k in ("top1", "many", "medium", "few", "ece")},
+                "wall_s": wall,
+                "epochs": args.epochs,
+                "method": raw["method"],
+                "lr": raw["optim"]["lr"],
+                "milestones": raw["optim"]["milestones"],
+            }
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{key}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
     write_table(results, args.out / "accuracy.md")
 
 
 def write_table(results: dict, path: Path) -> None:
+    """One row per entry: mean (and sample sd) over the seeds run, per-seed top-1 beside."""
     b, hw = results["budget"], results["hardware"]
     lines = [
-        f"Budget run: dataset `{b['dataset']}` (ratio 100), {b['epochs']} epochs, "
-        f"batch {b['batch_size']} per branch; {hw['cpu']}, {hw['cores']} cores, "
-        f"CUDA: {hw['cuda']}, torch {hw['torch']}.",
+        f"Budget run: dataset `{b['dataset']}` (ratio 100, overrides {b['overrides']}), "
+        f"{b['epochs']} epochs, batch {b['batch_size']} per branch; {hw['cpu']}, "
+        f"{hw['cores']} cores, CUDA: {hw['cuda']}, torch {hw['torch']}. Accuracies: last epoch, "
+        "full balanced test set; means over training seeds (same long-tailed subset).",
         "",
-        "| method | top-1 | many | medium | few | ECE | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds | top-1 mean | top-1 sd | top-1 per seed | many | medium | few "
+        "| ECE | wall time per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results["runs"].items():
+    by_entry: dict[str, list[dict]] = {}
+    for r in results["runs"].values():
+        by_entry.setdefault(r["entry"], []).append(r)
 
-        def f(v):
-            return "-" if v is None else f"{v:.4f}"
+    def mean(rows: list[dict], k: str) -> str:
+        vals = [r[k] for r in rows if r[k] is not None]
+        return f"{statistics.fmean(vals):.4f}" if vals else "-"
 
+    for name, rows in by_entry.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        top1 = [r["top1"] for r in rows]
+        sd = f"{statistics.stdev(top1):.4f}" if len(top1) > 1 else "-"
+        per_seed = ", ".join(f"{v:.4f}" for v in top1)
         lines.append(
-            f"| {name} | {f(r['top1'])} | {f(r['many'])} | {f(r['medium'])} | "
-            f"{f(r['few'])} | {f(r['ece'])} | {r['wall_s']:.0f} |"
+            f"| {name} | {len(rows)} | {mean(rows, 'top1')} | {sd} | {per_seed} | "
+            f"{mean(rows, 'many')} | {mean(rows, 'medium')} | {mean(rows, 'few')} | "
+            f"{mean(rows, 'ece')} | {statistics.fmean(r['wall_s'] for r in rows):.0f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
