@@ -127,3 +127,15 @@ def test_two_stage_freezes_the_backbone(tiny_fmnist, tmp_path, monkeypatch):
         else:
             # backbone weights, BN running statistics and projector stay frozen
             assert torch.equal(v, after_classifier[k]), k
+
+
+def test_images_per_s_counts_only_forwarded_branches(tiny_fmnist, tmp_path):
+    # Parabolic curriculum over 2 epochs: alpha 0.75 (both branches: 2 views + 1 view per
+    # sample), then alpha 0 (the classifier branch alone), with equal steps and batch sizes.
+    cfg = config_from_dict(
+        tiny_config(tiny_fmnist, method={"name": "hybrid-sc"}, train={"epochs": 2, "batch_size": 8})
+    )
+    trainer.train(cfg, tmp_path / "run", progress=False)
+    first, last = _read_metrics(tmp_path / "run")
+    images = [r["images_per_s"] * r["epoch_time_s"] for r in (first, last)]
+    assert images[0] == pytest.approx(3 * images[1], rel=1e-6)

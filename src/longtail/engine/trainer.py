@@ -287,6 +287,7 @@ def train(
             bar.start_epoch(epoch + 1, total_epochs, steps)
             sums: dict[str, torch.Tensor] = {}
             images, t0, lr = 0, time.perf_counter(), optim_cfg.lr
+            forwarded = method.forwarded_branches() or set(loaders)
             for step, batch in enumerate(zip(*loaders.values(), strict=False)):
                 lr = learning_rate(optim_cfg, stage_epoch + step / steps, stage.epochs)
                 for g in optimizer.param_groups:
@@ -303,7 +304,9 @@ def train(
                 optimizer.step()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
-                images += sum(_batch_images(b) for b in batch)
+                images += sum(
+                    _batch_images(b) for k, b in zip(loaders, batch, strict=True) if k in forwarded
+                )
                 if step % cfg.train.log_every == 0 or step == steps - 1:
                     value = float(loss.detach())
                     if not math.isfinite(value):

@@ -121,6 +121,13 @@ class Method:
         """Called before each epoch; returns scalars to log (e.g. the curriculum alpha)."""
         return {}
 
+    def forwarded_branches(self) -> set[str] | None:
+        """Loader names whose batches ``step`` forwards this epoch (None: all of them).
+
+        Only used to count images per second honestly when a branch is skipped.
+        """
+        return None
+
     def step(self, model: Network, batches: dict[str, Any], epoch: int) -> dict[str, Tensor]:
         """Named loss terms of one step; ``loss`` is the one that is back-propagated."""
         x, y, _ = batches["cls"]

@@ -137,6 +137,9 @@ class Hybrid(Method):
             return psc_loss(z, labels, protos[:, 0], o.temperature)
         return mpsc_loss(z, labels, protos, o.temperature)
 
+    def forwarded_branches(self) -> set[str] | None:
+        return {k for k, on in (("con", self.alpha > 0), ("cls", self.alpha < 1)) if on}
+
     def step(self, model: Network, batches: dict[str, Any], epoch: int) -> dict[str, Tensor]:
         views, y_con, _ = batches["con"]
         x_cls, y_cls, _ = batches["cls"]
