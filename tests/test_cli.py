@@ -28,30 +28,32 @@ def test_methods_json(monkeypatch, capsys):
     )
 
 
-def test_data_stats_json(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("extra", "head", "tail"), [([], 60, 6), (["--n-max", 30], 30, 3)])
+def test_data_stats_json(extra, head, tail, tmp_path, monkeypatch, capsys):
     root = make_fashion_mnist(tmp_path / "f", train_per_class=60)
     code, out, _ = run_cli(
         monkeypatch,
         capsys,
-        "data",
-        "stats",
-        "fashion-mnist",
-        "--ratio",
-        10,
-        "--root",
-        root,
-        "--json",
+        *("data", "stats", "fashion-mnist", "--ratio", 10, *extra, "--root", root, "--json"),
     )
     stats = json.loads(out)
     assert code == 0
     assert set(stats) == {"num_classes", "counts", "total", "groups"}
     assert (
-        stats["counts"][0] == 60
-        and stats["counts"][-1] == 6
+        stats["counts"][0] == head
+        and stats["counts"][-1] == tail
         and stats["total"] == sum(stats["counts"])
     )
     assert set(stats["groups"]) == {"many", "medium", "few"}
     assert sorted(sum(stats["groups"].values(), [])) == list(range(10))
+
+
+def test_data_stats_n_max_needs_ratio(tmp_path, monkeypatch, capsys):
+    root = make_fashion_mnist(tmp_path / "f", train_per_class=60)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "data", "stats", "fashion-mnist", "--n-max", 30, "--root", root
+    )
+    assert code == 2 and "--ratio" in err
 
 
 def test_train_then_evaluate(tiny_fmnist, tmp_path, monkeypatch, capsys):
@@ -232,27 +234,3 @@ def test_best_checkpoint_comes_from_the_validation_split(tmp_path, monkeypatch, 
     res = json.loads(out)
     assert res["epoch"] == best_epoch and res["checkpoint"] == "best"
     assert res["top1"] == max(r["val/top1"] for r in rows)
-
-
-def test_data_stats_n_max_sets_the_head(tmp_path, monkeypatch, capsys):
-    root = make_fashion_mnist(tmp_path / "f", train_per_class=60)
-    code, out, _ = run_cli(
-        monkeypatch,
-        capsys,
-        "data",
-        "stats",
-        "fashion-mnist",
-        "--ratio",
-        10,
-        "--n-max",
-        30,
-        "--root",
-        root,
-        "--json",
-    )
-    counts = json.loads(out)["counts"]
-    assert code == 0 and counts[0] == 30 and counts[-1] == 3
-    code, _, err = run_cli(
-        monkeypatch, capsys, "data", "stats", "fashion-mnist", "--n-max", 30, "--root", root
-    )
-    assert code == 2 and "--ratio" in err

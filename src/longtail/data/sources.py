@@ -83,8 +83,8 @@ class Source:
         return int(self.targets.shape[0])
 
     def load(self, i: int) -> Image.Image | torch.Tensor:
-        """Return image ``i`` (PIL image or uint8 (C, H, W) tensor)."""
-        raise NotImplementedError
+        """Return image ``i`` (PIL image or uint8 (C, H, W) tensor); each source defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define load()")
 
     def __repr__(self) -> str:
         return (
