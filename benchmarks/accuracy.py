@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from longtail.config import config_from_dict, deep_merge, load_config
-from longtail.engine.trainer import train
+from longtail.api import train
+from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
+from longtail.methods import METHODS
 
 # name in the table -> (recipe file under configs/<dataset>/, method overrides)
 ENTRIES: dict[str, tuple[str, dict]] = {
@@ -53,7 +54,11 @@ def budget_config(
         optim["lr"] = optim["lr"] * batch_size / cfg["train"]["batch_size"]
         cfg["train"]["batch_size"] = batch_size
     cfg["train"]["epochs"] = epochs
-    cfg["method"] = {**cfg["method"], **method}
+    # Another method on the same recipe keeps only the recipe's options it has.
+    name = method.get("name", cfg["method"]["name"])
+    fields = METHODS.get(name).Options.model_fields
+    cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
+    cfg["method"].update(method)
     if cfg["method"]["name"] == "two-stage-sc":
         # the same share of the budget as the 30-of-200 recipe, at least one epoch
         cfg["method"]["classifier_epochs"] = max(1, round(30 * scale))
@@ -72,8 +77,6 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value for all")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = p.parse_args()
-
-    from longtail.config import parse_overrides
 
     extra = parse_overrides(args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,73 @@ def tiny_config(root: pathlib.Path, **sections) -> dict:
         "method": {"name": "ce"},
         "data": {"dataset": "fashion-mnist", "root": str(root), "ratio": 4, "image_size": 28},
         "model": {"backbone": "convnet-tiny", "projection_hidden": 32, "projection_dim": 16},
-        "train": {"epochs": 1, "batch_size": 16, "view": "crop-flip", "device": "cpu"},
+        "train": {"epochs": 1, "batch_size": 16, "transform": "crop-flip", "device": "cpu"},
         "optim": {"lr": 0.05, "milestones": [], "weight_decay": 0.0},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+PATTERNS = ("solid", "rows", "columns", "checker")
+
+
+def make_pattern_folder(
+    root: pathlib.Path,
+    train_counts: tuple[int, ...] = (24, 16, 10, 6),
+    eval_per_class: int = 6,
+    size: int = 12,
+    seed: int = 0,
+) -> pathlib.Path:
+    """An ImageFolder tree (train/val/test) of 4 easy classes: a solid tone, horizontal
+    stripes, vertical stripes and a checkerboard, each with noise and a random phase.
+
+    Flips, padded crops, grayscale and brightness/contrast jitter keep every class
+    recognisable, so any method should learn it within a few epochs.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    i, j = np.mgrid[0:size, 0:size]
+    for split in ("train", "val", "test"):
+        for c, name in enumerate(PATTERNS):
+            n = train_counts[c] if split == "train" else eval_per_class
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                phase = int(rng.integers(2))
+                bright = {
+                    "solid": np.ones_like(i, dtype=bool) if phase else np.zeros_like(i, dtype=bool),
+                    "rows": (i + phase) % 2 == 0,
+                    "columns": (j + phase) % 2 == 0,
+                    "checker": (i + j + phase) % 2 == 0,
+                }[name]
+                img = np.where(bright, 200, 60) + rng.integers(-25, 26, size=(size, size))
+                rgb = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+                Image.fromarray(rgb).save(folder / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pattern_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_pattern_folder(tmp_path_factory.mktemp("patterns"))
+
+
+def folder_config(root: pathlib.Path, **sections) -> dict:
+    """A config dict that trains convnet-tiny on ``pattern_folder`` with its validation split."""
+    cfg = {
+        "name": "patterns",
+        "method": {"name": "ce"},
+        "data": {
+            "dataset": "folder",
+            "root": str(root),
+            "ratio": None,
+            "image_size": 12,
+            "val_split": "val",
+        },
+        "model": {"backbone": "convnet-tiny", "projection_hidden": 32, "projection_dim": 16},
+        "train": {"epochs": 8, "batch_size": 8, "device": "cpu"},
+        "optim": {"lr": 0.05, "milestones": [6], "weight_decay": 5e-4},
     }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from longtail.build import validate
 from longtail.config import Config, load_config, parse_overrides
 from longtail.errors import UsageError
 
@@ -18,7 +19,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_validates(path):
-    cfg = load_config(path)
+    cfg = validate(load_config(path))
     assert cfg.name and cfg.method_name
     assert cfg.train.epochs >= 1
 
@@ -37,6 +38,13 @@ def test_overrides_are_parsed_as_yaml():
     }
     cfg = load_config(None, ["train.epochs=3", "method.name=hybrid-sc", "method.temperature=0.2"])
     assert cfg.train.epochs == 3 and cfg.method["temperature"] == 0.2
+    # validation completes the method section with the method's defaults
+    full = validate(cfg).method
+    assert (
+        full["temperature"] == 0.2
+        and full["loss"] == "sc"
+        and full["cls_sampler"] == "class-balanced"
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,7 +62,7 @@ def test_overrides_are_parsed_as_yaml():
 )
 def test_bad_config_is_a_usage_error_naming_the_field(overrides, needle):
     with pytest.raises(UsageError) as e:
-        load_config(None, overrides)
+        validate(load_config(None, overrides))
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -81,3 +89,4 @@ def test_missing_or_broken_config_file(tmp_path):
 
 def test_defaults_are_valid():
     assert Config().method_name == "ce"
+    assert validate(Config()).method == {"name": "ce"}

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from longtail import api
+from longtail.build import build_data, build_method, validate
 from longtail.config import config_from_dict
 from longtail.engine import trainer
 from longtail.engine.checkpoint import load_checkpoint
@@ -18,7 +20,7 @@ def _read_metrics(run):
 def test_ce_run_writes_everything(tiny_fmnist, tmp_path):
     cfg = config_from_dict(tiny_config(tiny_fmnist, train={"epochs": 2, "eval_every": 1}))
     run = tmp_path / "run"
-    res = trainer.train(cfg, run, progress=False)
+    res = api.train(cfg, run, progress=False)
     assert 0 <= res["top1"] <= 1 and len(res["per_class"]) == 10
     for name in (
         "config.yaml",
@@ -44,34 +46,34 @@ def test_ce_run_writes_everything(tiny_fmnist, tmp_path):
 def test_existing_run_dir_is_never_overwritten(tiny_fmnist, tmp_path):
     cfg = config_from_dict(tiny_config(tiny_fmnist))
     run = tmp_path / "run"
-    trainer.train(cfg, run, progress=False)
+    api.train(cfg, run, progress=False)
     before = (run / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(UsageError, match="already exists"):
-        trainer.train(cfg, run, progress=False)
+        api.train(cfg, run, progress=False)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     with pytest.raises(UsageError, match="no checkpoint"):
-        trainer.train(cfg, tmp_path / "fresh", resume=True, progress=False)
+        api.train(cfg, tmp_path / "fresh", resume=True, progress=False)
 
 
 def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
     raw = tiny_config(tiny_fmnist, train={"epochs": 3})
     full = tmp_path / "full"
-    trainer.train(config_from_dict(raw), full, progress=False)
+    api.train(config_from_dict(raw), full, progress=False)
 
     original = METHODS.get("ce").on_epoch_start
 
-    def crash_at_epoch_2(self, model, epoch):
+    def crash_at_epoch_2(self, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(self, model, epoch)
+        return original(self, epoch)
 
     cut = tmp_path / "cut"
     monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(config_from_dict(raw), cut, progress=False)
+        api.train(config_from_dict(raw), cut, progress=False)
     assert load_checkpoint(cut / "checkpoints" / "last.pt")["epoch"] == 1
     monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", original)
-    trainer.train(config_from_dict(raw), cut, resume=True, progress=False)
+    api.train(config_from_dict(raw), cut, resume=True, progress=False)
 
     a = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
@@ -88,7 +90,7 @@ def test_every_method_trains(method, tiny_fmnist, tmp_path):
             tiny_fmnist, method={"name": method, **extra}, train={"epochs": 2, "batch_size": 8}
         )
     )
-    res = trainer.train(cfg, tmp_path / method, progress=False)
+    res = api.train(cfg, tmp_path / method, progress=False)
     assert 0 <= res["top1"] <= 1
     rows = _read_metrics(tmp_path / method)
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
@@ -106,8 +108,9 @@ def test_two_stage_freezes_the_backbone(tiny_fmnist, tmp_path, monkeypatch):
         method={"name": "two-stage-sc", "classifier_epochs": 1},
         train={"epochs": 2, "batch_size": 8},
     )
-    cfg = config_from_dict(raw)
-    assert [(s.name, s.epochs) for s in trainer.build_method(cfg).stages()] == [
+    cfg = validate(config_from_dict(raw))
+    method = build_method(cfg, build_data(cfg))
+    assert [(s.name, s.epochs) for s in method.stages()] == [
         ("features", 1),
         ("classifier", 1),
     ]
@@ -119,7 +122,7 @@ def test_two_stage_freezes_the_backbone(tiny_fmnist, tmp_path, monkeypatch):
         real_save(state, path)
 
     monkeypatch.setattr(trainer, "save_checkpoint", record)
-    trainer.train(cfg, tmp_path / "r", progress=False)
+    api.train(cfg, tmp_path / "r", progress=False)
     after_features, after_classifier = saved
     for k, v in after_features.items():
         if k.startswith("classifier."):
@@ -135,7 +138,7 @@ def test_images_per_s_counts_only_forwarded_branches(tiny_fmnist, tmp_path):
     cfg = config_from_dict(
         tiny_config(tiny_fmnist, method={"name": "hybrid-sc"}, train={"epochs": 2, "batch_size": 8})
     )
-    trainer.train(cfg, tmp_path / "run", progress=False)
+    api.train(cfg, tmp_path / "run", progress=False)
     first, last = _read_metrics(tmp_path / "run")
     images = [r["images_per_s"] * r["epoch_time_s"] for r in (first, last)]
     assert images[0] == pytest.approx(3 * images[1], rel=1e-6)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import FMNIST_ROOT
+from longtail import api
 from longtail.config import config_from_dict
-from longtail.engine import trainer
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,7 +27,7 @@ def test_every_loss_term_decreases(method, tmp_path):
             "optim": {"lr": 0.05, "schedule": "constant", "weight_decay": 0.0},
         }
     )
-    res = trainer.train(cfg, tmp_path / "run", progress=False)
+    res = api.train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for term in ("train/con", "train/ce", "train/loss"):
         assert rows[-1][term] < rows[0][term], (term, [r[term] for r in rows])

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from longtail.config import OptimConfig
-from longtail.engine.schedules import curriculum_alpha, learning_rate
-from longtail.errors import UsageError
+from longtail.engine.schedules import learning_rate
+from longtail.methods.curriculum import curriculum_alpha
 
 
 def test_multistep_with_warmup():
@@ -41,5 +41,5 @@ def test_curricula():
     values = [curriculum_alpha("parabolic", e, 50) for e in range(50)]
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
-    with pytest.raises(UsageError, match="parabolic"):
+    with pytest.raises(ValueError, match="parabolic"):
         curriculum_alpha("cubic", 0, 10)

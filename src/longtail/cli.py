@@ -6,14 +6,32 @@ error's code (2 for usage errors); they never show a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from longtail.errors import LongtailError, UsageError
+from longtail.api import evaluate_run
+from longtail.api import train as run_training
+from longtail.build import build_data
+from longtail.config import Config, DataConfig, format_validation_error, load_config
+from longtail.data import (
+    DATASETS,
+    DOWNLOADABLE,
+    PROFILES,
+    dataset_for_path,
+    default_root,
+    load_source,
+)
+from longtail.data import download as download_dataset
+from longtail.errors import DataError, LongtailError, UsageError
+from longtail.evaluation import shot_groups
+from longtail.methods import METHODS
 
 app = typer.Typer(
     add_completion=False,
@@ -54,9 +72,6 @@ def train(
     ] = None,
 ) -> None:
     """Train a recipe; the last epoch is evaluated on the test split."""
-    from longtail.config import load_config
-    from longtail.engine.trainer import train as run_training
-
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
     cfg = load_config(config, overrides or [])
@@ -75,8 +90,6 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test or val")] = "test",
 ) -> None:
     """Evaluate a run's checkpoint: top-1, many/medium/few, per-class accuracy, ECE."""
-    from longtail.engine.trainer import evaluate_run
-
     if checkpoint not in ("last", "best"):
         raise UsageError(f"--checkpoint {checkpoint!r}: use last or best")
     if split not in ("test", "val"):
@@ -97,10 +110,8 @@ def evaluate(
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the registered methods."""
-    from longtail.methods import METHODS
-
     rows = [
-        {"name": n, "description": ((METHODS.get(n).__doc__ or "").strip().splitlines() or [""])[0]}
+        {"name": n, **{k: METHODS.meta(n)[k] for k in ("description", "paper")}}
         for n in METHODS.names()
     ]
     if as_json:
@@ -108,6 +119,33 @@ def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     for r in rows:
         print(f"{r['name']:<16} {r['description']}")
+
+
+def _stats_data_config(
+    dataset: str, root: Path | None, ratio: float | None, profile: str, n_max: int | None
+) -> DataConfig:
+    """The data section that ``data stats`` reads, from its flags (checked before any file)."""
+    if ratio is not None and not ratio >= 1:
+        raise UsageError(f"--ratio must be >= 1 (n_max / n_min; 1 is balanced); got {ratio}")
+    if profile not in PROFILES:
+        raise UsageError(f"--profile {profile!r}: use one of {', '.join(PROFILES)}")
+    if n_max is not None and n_max < 1:
+        raise UsageError(f"--n-max must be a positive number of images, got {n_max}")
+    if n_max is not None and ratio is None:
+        raise UsageError("--n-max needs --ratio (it sets the head of the long-tail profile)")
+    if dataset in DATASETS:
+        where: dict[str, Any] = {"dataset": dataset, "root": str(root) if root else None}
+    elif Path(dataset).exists():
+        where = dataset_for_path(dataset, root)
+    else:
+        raise UsageError(
+            f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS.names())} "
+            "or the path of an image folder, list file or JSON annotation file"
+        )
+    try:
+        return DataConfig(**where, ratio=ratio, profile=profile, n_max=n_max)
+    except ValidationError as e:
+        raise UsageError(format_validation_error(e)) from None
 
 
 @data_app.command("stats")
@@ -122,34 +160,11 @@ def data_stats(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Class counts and many/medium/few groups of the long-tailed training set."""
-    from longtail.data import (
-        DATASETS,
-        class_counts,
-        load_source,
-        long_tail_indices,
-        source_from_path,
-    )
-    from longtail.evaluation.metrics import shot_groups
-
-    if dataset in DATASETS:
-        source = load_source(dataset, root, "train")
-    elif Path(dataset).exists():
-        source = source_from_path(dataset, "train")
-    else:
-        raise UsageError(
-            f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS.names())} "
-            "or the path of an image folder, list file or JSON annotation file"
-        )
-    targets = source.targets
-    if n_max is not None and n_max < 1:
-        raise UsageError(f"--n-max must be a positive number of images, got {n_max}")
-    if ratio is not None:
-        targets = targets[long_tail_indices(targets, ratio, profile, n_max=n_max)]
-    elif n_max is not None:
-        raise UsageError("--n-max needs --ratio (it sets the head of the long-tail profile)")
-    counts = class_counts(targets, source.num_classes).tolist()
+    data_cfg = _stats_data_config(dataset, root, ratio, profile, n_max)
+    data = build_data(Config(data=data_cfg), need_test=False, check_classes=False)
+    counts = data.counts.tolist()
     stats = {
-        "num_classes": source.num_classes,
+        "num_classes": data.num_classes,
         "counts": counts,
         "total": int(sum(counts)),
         "groups": shot_groups(counts),
@@ -172,11 +187,8 @@ def data_download(
     check: Annotated[bool, typer.Option("--check", help="only check that it is present")] = False,
 ) -> None:
     """Download a dataset with torchvision unless it is already present (needs internet)."""
-    from longtail.data import default_root, download, load_source
-    from longtail.errors import DataError
-
-    if dataset not in ("fashion-mnist", "cifar10", "cifar100"):
-        raise UsageError(f"cannot download {dataset!r}; valid: cifar10, cifar100, fashion-mnist")
+    if dataset not in DOWNLOADABLE:
+        raise UsageError(f"cannot download {dataset!r}; valid: {', '.join(DOWNLOADABLE)}")
     where = root or default_root(dataset)
     try:
         load_source(dataset, where, "train")
@@ -185,7 +197,7 @@ def data_download(
     except DataError:
         if check:
             raise
-    path = download(dataset, where)
+    path = download_dataset(dataset, where)
     print(f"{dataset} is in {path}")
 
 
@@ -216,9 +228,6 @@ def main() -> None:
 
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """ClickException from click, or from the copy that typer >= 0.29 vendors."""
-    import contextlib
-    import importlib
-
     found = []
     for module in ("click.exceptions", "typer._click.exceptions"):
         with contextlib.suppress(ImportError, AttributeError):

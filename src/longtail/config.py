@@ -1,8 +1,9 @@
-"""Run configuration: pydantic models, YAML loading and dotted ``--set`` overrides.
+"""Run configuration: a pydantic schema, YAML loading, ``_base_`` files and ``--set`` overrides.
 
-A config file is YAML; every section rejects unknown keys so a typo is an error, not
-a silently ignored setting. Method-specific options live under ``method:`` next to
-``name:`` and are validated by the method's own ``Options`` model.
+The schema holds names as plain strings and imports nothing else of longtail's (and no torch):
+checking a name against its registry, and a method's options against the method, happens in
+:mod:`longtail.build`. Every section rejects unknown keys, so a typo is an error rather than a
+silently ignored setting. Method options live under ``method:`` beside ``name:``.
 """
 
 from __future__ import annotations
@@ -11,27 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from longtail.errors import UsageError
-
-
-def known_name(kind: str, value: str) -> str:
-    """Return ``value`` if it is a registered ``kind``; else a UsageError listing valid names."""
-    # Imported here: the registries' modules import this one.
-    from longtail.data import SAMPLERS, VIEWS
-    from longtail.engine.schedules import CURRICULA
-    from longtail.models import BACKBONES, CLASSIFIERS
-
-    tables = {
-        "sampler": SAMPLERS,
-        "view": VIEWS,
-        "backbone": BACKBONES,
-        "classifier": CLASSIFIERS,
-        "curriculum": CURRICULA,
-    }
-    tables[kind].get(value)
-    return value
 
 
 class _Strict(BaseModel):
@@ -48,14 +31,14 @@ class DataConfig(_Strict):
     profile: Literal["exp", "step"] = "exp"
     n_max: int | None = Field(None, ge=1)  # images of the largest class; None = all it has
     seed: int = 0  # seed of the long-tail subsampling (the standard recipe uses 0)
-    image_size: int = 32  # pixels, side of the network input
+    image_size: int = Field(32, ge=1)  # pixels, side of the network input
     val_split: str | None = None  # a split of the dataset used for "best" selection
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)  # loader processes; 0 loads in the training process
 
     @field_validator("ratio")
     @classmethod
     def _ratio_at_least_one(cls, v: float | None) -> float | None:
-        if v is not None and v < 1:
+        if v is not None and not v >= 1:  # `not >=` also rejects NaN
             raise ValueError("must be >= 1 (n_max / n_min); use 1 for the balanced set")
         return v
 
@@ -66,38 +49,28 @@ class ModelConfig(_Strict):
     backbone: str = "resnet32"
     classifier: str = "linear"
     classifier_options: dict[str, Any] = Field(default_factory=dict)
-    projection_hidden: int = 512  # units in the projection MLP's hidden layer
-    projection_dim: int = 128  # dimension of the contrastive embedding z
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        return known_name("backbone", v)
-
-    @field_validator("classifier")
-    @classmethod
-    def _known_classifier(cls, v: str) -> str:
-        return known_name("classifier", v)
+    projection_hidden: int = Field(512, ge=1)  # units in the projection MLP's hidden layer
+    projection_dim: int = Field(128, ge=1)  # dimension of the contrastive embedding z
 
 
 class OptimConfig(_Strict):
-    """SGD and the learning-rate schedule (epochs are fractional inside an epoch)."""
+    """SGD and the learning-rate schedule (time in epochs, fractional inside an epoch)."""
 
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0)
     nesterov: bool = False
-    weight_decay: float = 2e-4
+    weight_decay: float = Field(2e-4, ge=0)
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [160, 180])  # epochs
     gamma: float = 0.1  # multistep decay factor
-    warmup_epochs: float = 0.0  # linear warm-up from lr * warmup_start_factor
-    warmup_start_factor: float = 0.1
-    min_lr: float = 0.0  # cosine floor
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from lr * warmup_start_factor
+    warmup_start_factor: float = Field(0.1, ge=0, le=1)
+    min_lr: float = Field(0.0, ge=0)  # cosine floor
 
     @field_validator("lr", "gamma")
     @classmethod
     def _positive(cls, v: float) -> float:
-        if v <= 0:
+        if not v > 0:
             raise ValueError("must be > 0")
         return v
 
@@ -105,34 +78,17 @@ class OptimConfig(_Strict):
 class TrainConfig(_Strict):
     """The training loop."""
 
-    epochs: int = 200
-    batch_size: int = 128  # images per step of the (first) branch
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)  # images per step of the (first) branch
     sampler: str = "instance"
-    view: str = "crop-flip"  # augmentation recipe for training
-    test_view: str = "test"
-    eval_every: int = 0  # epochs between test evaluations during training; 0 = only the last
+    transform: str = "crop-flip"  # augmentation preset for training
+    test_transform: str = "test"
+    eval_every: int = Field(0, ge=0)  # epochs between test evaluations; 0 = only the last
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = False  # bfloat16 autocast on CUDA
     channels_last: bool = True  # NHWC memory format: +26% images/s for ResNet-32 on this CPU
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    log_every: int = 50  # steps between progress updates
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        return known_name("sampler", v)
-
-    @field_validator("view", "test_view")
-    @classmethod
-    def _known_view(cls, v: str) -> str:
-        return known_name("view", v)
-
-    @field_validator("epochs", "batch_size")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
+    log_every: int = Field(50, ge=1)  # steps between progress updates
 
 
 class Config(_Strict):
@@ -146,36 +102,31 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-    @model_validator(mode="after")
-    def _check_method(self) -> Config:
-        # Resolve the method now so unknown names/options fail at load time, not mid-run.
-        method_options(self)
-        return self
+    @field_validator("method")
+    @classmethod
+    def _method_has_a_name(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(v.get("name", "ce"), str):
+            raise ValueError("method.name must be a string, e.g. hybrid-sc")
+        return {"name": "ce", **v}
 
     @property
     def method_name(self) -> str:
-        return str(self.method.get("name", "ce"))
+        return str(self.method["name"])
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """``method`` without its name: what the method's Options model validates."""
+        return {k: v for k, v in self.method.items() if k != "name"}
 
 
-def method_options(cfg: Config) -> BaseModel:
-    """Validate ``cfg.method`` against the named method's ``Options`` model."""
-    from longtail.methods import METHODS
-
-    spec = dict(cfg.method)
-    cls = METHODS.get(str(spec.pop("name", "ce")))
-    try:
-        return cls.Options(**spec)
-    except ValidationError as e:
-        raise UsageError(_format_validation(e, prefix="method.")) from None
-
-
-def _format_validation(e: ValidationError, prefix: str = "") -> str:
+def format_validation_error(e: ValidationError, prefix: str = "") -> str:
+    """One line naming the config key of the first error of ``e``."""
     err = e.errors()[0]
     loc = prefix + ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown config key {loc!r}; remove it or check its spelling"
-    got = err.get("input")
-    return f"config field {loc!r}: {err['msg']} (got {got!r})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"config key {loc!r}: {msg} (got {err.get('input')!r})"
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -183,9 +134,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key or any(not p for p in key.split(".")):
             raise UsageError(f"--set {pair!r}: expected key=value, e.g. --set optim.lr=0.05")
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw  # not YAML: keep the text as a string; the schema decides
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -197,6 +151,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, recursing into sections that both have as mappings."""
     merged = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
@@ -206,11 +161,14 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
+def config_from_dict(raw: Any) -> Config:
+    """Validate a plain mapping as a :class:`Config` (schema only: names are not looked up)."""
+    if not isinstance(raw, dict):
+        raise UsageError(f"a config must be a mapping of sections; got {type(raw).__name__}")
     try:
-        return Config(**raw)
+        return Config(**{str(k): v for k, v in raw.items()})
     except ValidationError as e:
-        raise UsageError(_format_validation(e)) from None
+        raise UsageError(format_validation_error(e)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -229,15 +187,16 @@ def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise UsageError(f"config file {path}: _base_ loop")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(
-            f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
-        ) from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"config file {path} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"config file {path} must hold a mapping of sections")
     base = raw.pop("_base_", None)
     if base is not None:
+        if not isinstance(base, str):
+            raise UsageError(f"config file {path}: _base_ must be a file name")
         base_raw = _read_yaml((path.parent / base), (*_seen, path.resolve()))
         raw = deep_merge(base_raw, raw)
     return raw

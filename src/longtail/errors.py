@@ -1,7 +1,11 @@
-"""User-facing errors.
+"""Errors that reach a user.
 
-The CLI turns every :class:`LongtailError` into one line on stderr and exits with
-``exit_code``; anything else is a bug and keeps its traceback.
+Library code raises ``ValueError``/``TypeError`` for bad arguments and :class:`DataError` for
+files that are missing or unusable, each stating the fact. The boundaries that know where a
+value came from (``build`` for the config, ``cli`` for flags) turn them into a
+:class:`LongtailError` that also names the key or flag to change. The CLI prints a
+``LongtailError`` as one line and exits with its ``exit_code``; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from longtail.data import (
     LTDataset,
     MultiView,
     build_sampler,
-    build_view,
+    build_transform,
     class_counts,
     long_tail_indices,
 )
@@ -35,8 +35,8 @@ def test_items_and_labels(source):
 
 def test_long_tailed_pipeline_through_dataloader(source):
     idx = long_tail_indices(source.targets, ratio=10)
-    view = build_view("crop-flip", 8, 3, source.mean, source.std)
-    ds = LTDataset(source, idx, MultiView([view, view]))
+    transform = build_transform("crop-flip", 8, 3, source.mean, source.std)
+    ds = LTDataset(source, idx, MultiView([transform, transform]))
     assert class_counts(ds.labels, 4).tolist() == [10, 4, 2, 1]
     sampler = build_sampler("class-balanced", ds.labels, num_samples=16)
     (views, y, j), *_ = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)

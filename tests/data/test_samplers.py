@@ -1,8 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from longtail.data.samplers import (
     SAMPLERS,
@@ -10,7 +8,6 @@ from longtail.data.samplers import (
     KPerClassBatchSampler,
     build_sampler,
 )
-from longtail.errors import UsageError
 
 COUNTS = np.array([500, 200, 50, 10])
 
@@ -33,12 +30,12 @@ def _expected(name):
 
 def test_registry_names():
     assert SAMPLERS.names() == ["class-balanced", "instance", "progressive", "reversed", "sqrt"]
-    with pytest.raises(UsageError, match="unknown sampler 'balanced'; valid: class-balanced"):
+    with pytest.raises(ValueError, match="unknown sampler 'balanced'; valid: class-balanced"):
         build_sampler("balanced", np.zeros(3, int))
-    with pytest.raises(UsageError, match="unknown sampler option"):
+    with pytest.raises(TypeError, match="unknown sampler option"):
         build_sampler("sqrt", np.zeros(3, int), epochs=3)
-    with pytest.raises(UsageError, match="rank"):
-        build_sampler("sqrt", np.zeros(3, int), rank=2, world_size=2)
+    for name in SAMPLERS:
+        assert SAMPLERS.get(name).name == name
 
 
 @pytest.mark.parametrize("name", ["instance", "class-balanced", "sqrt", "reversed"])
@@ -76,34 +73,6 @@ def test_deterministic_per_seed_and_epoch(labels, name):
     assert list(build_sampler(name, labels, seed=8, total_epochs=4)) != first
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 60),
-    num_samples=st.integers(1, 150),
-    world_size=st.integers(1, 7),
-    name=st.sampled_from(["instance", "class-balanced", "progressive"]),
-    epoch=st.integers(0, 5),
-)
-def test_rank_slices_partition_the_epoch(n, num_samples, world_size, name, epoch):
-    labels = np.arange(n) % 3
-    kw = {"num_samples": num_samples, "seed": 11, "total_epochs": 3}
-    full = build_sampler(name, labels, **kw)
-    full.set_epoch(epoch)
-    full_list = list(full)
-    assert len(full_list) == num_samples
-    parts = []
-    for r in range(world_size):
-        s = build_sampler(name, labels, rank=r, world_size=world_size, **kw)
-        s.set_epoch(epoch)
-        parts.append(list(s))
-        assert len(parts[-1]) == len(s) == -(-num_samples // world_size)
-    # Interleaving the ranks' slices rebuilds the padded list: positions are disjoint and cover
-    # the whole epoch, and padding only repeats the epoch's own leading draws.
-    rebuilt = [parts[i % world_size][i // world_size] for i in range(len(parts[0]) * world_size)]
-    assert rebuilt[:num_samples] == full_list
-    assert rebuilt[num_samples:] == (full_list * world_size)[: len(rebuilt) - num_samples]
-
-
 def test_progressive_interpolates(labels):
     s = build_sampler("progressive", labels, total_epochs=10)
     np.testing.assert_allclose(s.class_probabilities(), _expected("instance"))
@@ -117,7 +86,7 @@ def test_progressive_interpolates(labels):
     s.set_epoch(10)
     freq = np.bincount(labels[list(s)], minlength=4) / 20_000
     np.testing.assert_allclose(freq, 0.25, atol=0.015)
-    with pytest.raises(UsageError, match="total_epochs"):
+    with pytest.raises(ValueError, match="total_epochs"):
         build_sampler("progressive", labels)
 
 
@@ -167,23 +136,19 @@ def test_k_per_class_small_class_and_weighting():
     assert small < len(with_small) / 2  # size-weighted picks favour the big classes
 
 
-def test_k_per_class_determinism_and_ranks(labels):
+def test_k_per_class_determinism(labels):
     kw = {"batch_size": 8, "k": 2, "seed": 5}
     a = KPerClassBatchSampler(labels, **kw)
     first = list(a)
     assert first == list(KPerClassBatchSampler(labels, **kw))
     a.set_epoch(2)
     assert list(a) != first
-    parts = [list(KPerClassBatchSampler(labels, rank=r, world_size=3, **kw)) for r in range(3)]
-    assert [len(p) for p in parts] == [len(KPerClassBatchSampler(labels, world_size=3, **kw))] * 3
-    rebuilt = [parts[i % 3][i // 3] for i in range(3 * len(parts[0]))]
-    assert rebuilt[: len(first)] == first
 
 
 def test_k_per_class_errors(labels):
-    with pytest.raises(UsageError, match="multiple of k"):
+    with pytest.raises(ValueError, match="multiple of k"):
         KPerClassBatchSampler(labels, batch_size=10, k=4)
-    with pytest.raises(UsageError, match="only 4 classes"):
+    with pytest.raises(ValueError, match="only 4 classes"):
         KPerClassBatchSampler(labels, batch_size=10, k=2)
-    with pytest.raises(UsageError, match="class_weighting"):
+    with pytest.raises(ValueError, match="class_weighting"):
         KPerClassBatchSampler(labels, batch_size=8, k=2, class_weighting="sqrt")

@@ -15,19 +15,19 @@ from longtail.data.sources import (
     FASHION_MNIST_CLASSES,
     ArraySource,
     FileSource,
+    dataset_for_path,
     default_root,
     load_source,
     read_idx,
-    source_from_path,
 )
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_registered_names():
     assert DATASETS.names() == ["cifar10", "cifar100", "fashion-mnist", "folder", "json", "list"]
-    with pytest.raises(UsageError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid: cifar10, cifar100"):
         load_source("mnist", None, "train")
 
 
@@ -66,7 +66,7 @@ def cifar10_root(tmp_path):
 
 def test_cifar10_reads_real_format(cifar10_root):
     train = load_source("cifar10", cifar10_root, "train")
-    assert len(train) == 10 and train.channels == 3 and train.image_size == 32
+    assert len(train) == 10 and train.channels == 3 and train.load(0).shape[1:] == (32, 32)
     assert train.targets.dtype == np.int64
     assert train.targets.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
     assert train.classes[0] == "airplane" and train.num_classes == 10
@@ -82,7 +82,7 @@ def test_cifar10_reads_real_format(cifar10_root):
 def test_cifar_errors(cifar10_root, tmp_path):
     with pytest.raises(DataError, match="no 'val' split; available: train, test"):
         load_source("cifar10", cifar10_root, "val")
-    with pytest.raises(UsageError, match="unknown split 'dev'"):
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
         load_source("cifar10", cifar10_root, "dev")
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as e:
@@ -194,7 +194,7 @@ def test_default_root(monkeypatch, tmp_path):
     monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_ROOT", tmp_path)
     monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path / "empty"))
     assert default_root("fashion-mnist") == tmp_path
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         default_root("nope")
 
 
@@ -230,7 +230,7 @@ def test_folder_dataset(folder_root):
     assert val.targets.tolist() == [1]
     with pytest.raises(DataError, match="available: train, val"):
         load_source("folder", folder_root, "test")
-    with pytest.raises(UsageError, match="--root"):
+    with pytest.raises(ValueError, match="needs root"):
         load_source("folder", None, "train")
 
 
@@ -261,7 +261,7 @@ def test_list_dataset(tmp_path):
         load_source("list", tmp_path, "val", files=files)
     with pytest.raises(DataError, match="no 'test' split; available: train, val"):
         load_source("list", tmp_path, "test", files=files)
-    with pytest.raises(UsageError, match="files="):
+    with pytest.raises(ValueError, match="files="):
         load_source("list", tmp_path, "train")
     # Without a root, paths are relative to the list file's folder.
     assert (
@@ -286,22 +286,31 @@ def test_json_dataset(tmp_path):
         load_source("json", tmp_path, "val", files={"val": "broken.json"})
 
 
-def test_source_from_path(folder_root, tmp_path):
-    assert source_from_path(folder_root).classes == ["ant", "bee", "zebra"]
-    assert len(source_from_path(folder_root, "val")) == 1
-    flat = source_from_path(folder_root / "train")  # a class-per-folder tree without splits
+def _open_path(path, split="train", root=None):
+    where = dataset_for_path(path, root=root)
+    return load_source(
+        where["dataset"], where["root"], split, **where["files"] and {"files": where["files"]}
+    )
+
+
+def test_dataset_for_path(folder_root, tmp_path):
+    assert _open_path(folder_root).classes == ["ant", "bee", "zebra"]
+    assert len(_open_path(folder_root, "val")) == 1
+    flat = _open_path(folder_root / "train")  # a class-per-folder tree without splits
     assert flat.classes == ["ant", "zebra"] and len(flat) == 3
+    with pytest.raises(DataError, match="no 'test' split; available: train"):
+        _open_path(folder_root / "train", "test")
     (folder_root / "list.txt").write_text("train/zebra/a.png 1\n")
-    assert source_from_path(folder_root / "list.txt").load(0).size == (8, 6)
+    assert _open_path(folder_root / "list.txt").load(0).size == (8, 6)
     ann = {"annotations": [{"fpath": "zebra/a.png", "category_id": 0}]}
     (tmp_path / "a.json").write_text(json.dumps(ann))
-    src = source_from_path(tmp_path / "a.json", root=folder_root / "train")
+    src = _open_path(tmp_path / "a.json", root=folder_root / "train")
     assert src.num_classes == 1 and src.load(0).size == (8, 6)
     with pytest.raises(DataError, match="does not exist"):
-        source_from_path(tmp_path / "missing")
+        _open_path(tmp_path / "missing")
     (tmp_path / "x.csv").write_text("")
     with pytest.raises(DataError, match="cannot tell the format"):
-        source_from_path(tmp_path / "x.csv")
+        _open_path(tmp_path / "x.csv")
 
 
 def test_array_source_validation():
@@ -309,7 +318,7 @@ def test_array_source_validation():
         ArraySource(np.zeros((2, 4, 4), np.float32), [0, 1], ["a", "b"], (0.5,), (0.5,))
     with pytest.raises(DataError, match="labels must lie in 0..1"):
         ArraySource(np.zeros((2, 4, 4), np.uint8), [0, 2], ["a", "b"], (0.5,), (0.5,))
-    with pytest.raises(UsageError, match="one per channel"):
+    with pytest.raises(ValueError, match="one per channel"):
         ArraySource(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], ["a", "b"], (0.5,), (0.5,))
     rgb = ArraySource(np.zeros((2, 4, 5, 3), np.uint8), [0, 1], ["a", "b"], (0.5,) * 3, (0.5,) * 3)
     assert rgb.load(1).shape == (3, 4, 5) and rgb.load(1).is_contiguous()

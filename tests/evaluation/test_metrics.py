@@ -127,6 +127,13 @@ def test_shot_groups_boundaries():
 def test_shot_groups_custom_thresholds_and_tensor_input():
     groups = shot_groups(torch.tensor([10, 5, 3, 1]), many=5, few=3)
     assert groups == {"many": [0], "medium": [1, 2], "few": [3]}
+    counts = [101, 100, 50, 20, 19, 1]
+    assert shot_groups(counts) == {"many": [0], "medium": [1, 2, 3], "few": [4, 5]}
+    assert shot_groups(counts, many=19, few=1) == {
+        "many": [0, 1, 2, 3],
+        "medium": [4, 5],
+        "few": [],
+    }
 
 
 def test_shot_groups_can_be_empty():

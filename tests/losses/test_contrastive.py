@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from longtail.losses import mpsc_loss, psc_loss, sup_con_loss
 from longtail.losses.contrastive import _BlockwiseLogDenominator
+from references import mpsc_loop as _mpsc_loop
+from references import psc_loop as _psc_loop
+from references import sup_con_loop as _sup_con_loop
 
 F64 = torch.float64
 
@@ -24,44 +27,6 @@ def _unit(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> torch.Tensor:
 def _labels(n: int, n_classes: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 1)
     return torch.randint(0, n_classes, (n,), generator=gen)
-
-
-# --------------------------------------------------------------------------------------------
-# Loop references, written straight from the formulas.
-# --------------------------------------------------------------------------------------------
-
-
-def _sup_con_loop(z: torch.Tensor, labels: list[int], tau: float) -> torch.Tensor:
-    terms = []
-    n = len(labels)
-    for i in range(n):
-        positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
-        if not positives:
-            continue
-        log_den = torch.logsumexp(torch.stack([z[i] @ z[a] / tau for a in range(n) if a != i]), 0)
-        terms.append(-sum(z[i] @ z[p] / tau - log_den for p in positives) / len(positives))
-    return torch.stack(terms).mean()
-
-
-def _psc_loop(z: torch.Tensor, labels: list[int], protos: torch.Tensor, tau: float) -> torch.Tensor:
-    terms = []
-    for i, y in enumerate(labels):
-        neg = torch.stack([z[i] @ protos[j] / tau for j in range(len(protos)) if j != y])
-        terms.append(-(z[i] @ protos[y] / tau - torch.logsumexp(neg, 0)))
-    return torch.stack(terms).mean()
-
-
-def _mpsc_loop(z: torch.Tensor, labels: list[int], protos: torch.Tensor, tau: float):
-    n_classes, per_class, _ = protos.shape
-    terms = []
-    for i, y in enumerate(labels):
-        negatives = [(j, m) for j in range(n_classes) if j != y for m in range(per_class)]
-        neg = torch.stack([z[i] @ protos[j, m] / tau for j, m in negatives])
-        log_den = torch.logsumexp(neg, 0)
-        pos = torch.stack([z[i] @ protos[y, m] / tau for m in range(per_class)])
-        weights = torch.softmax(pos.detach(), 0)
-        terms.append(-sum(weights[m] * (pos[m] - log_den) for m in range(per_class)))
-    return torch.stack(terms).mean()
 
 
 def _value_and_grad(fn, z: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longtail.errors import UsageError
 from longtail.models import (
     CLASSIFIERS,
     CosineClassifier,
@@ -31,8 +30,8 @@ def test_classifier_forward_backward(name):
         assert p.grad is not None, pname
 
 
-def test_unknown_classifier_is_a_usage_error():
-    with pytest.raises(UsageError, match="cosine"):
+def test_unknown_classifier_lists_valid_ones():
+    with pytest.raises(ValueError, match="cosine"):
         build_classifier("arcface", 8, 5)
 
 

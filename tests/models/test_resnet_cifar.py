@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from longtail.errors import UsageError
 from longtail.models.resnet_cifar import BasicBlock, ResNetCifar, ShortcutA
 
 
@@ -108,12 +107,12 @@ def test_conv_init_is_kaiming_normal():
 
 
 @pytest.mark.parametrize("depth", [0, 7, 21, 33])
-def test_bad_depth_is_a_usage_error(depth):
-    with pytest.raises(UsageError, match="6n \\+ 2"):
+def test_bad_depth_is_a_value_error(depth):
+    with pytest.raises(ValueError, match="6n \\+ 2"):
         ResNetCifar(depth)
 
 
 @pytest.mark.parametrize("widths", [(16, 32), (32, 16, 64), (16, 0, 64)])
-def test_bad_widths_is_a_usage_error(widths):
-    with pytest.raises(UsageError, match="widths"):
+def test_bad_widths_is_a_value_error(widths):
+    with pytest.raises(ValueError, match="widths"):
         ResNetCifar(20, widths=widths)

@@ -1,4 +1,4 @@
-"""Data layer: dataset sources, long-tailed subsets, samplers, augmentation views."""
+"""Data layer: sources, long-tailed subsets, samplers, augmentation presets and loaders."""
 
 from longtail.data.dataset import LTDataset
 from longtail.data.imbalance import (
@@ -7,8 +7,8 @@ from longtail.data.imbalance import (
     class_counts,
     long_tail_indices,
     profile_counts,
-    shot_groups,
 )
+from longtail.data.pipeline import RunData, loader_sampler, set_loader_epoch, to_device
 from longtail.data.samplers import (
     SAMPLERS,
     EpochSampler,
@@ -17,39 +17,44 @@ from longtail.data.samplers import (
 )
 from longtail.data.sources import (
     DATASETS,
+    DOWNLOADABLE,
     SPLITS,
     ArraySource,
     FileSource,
     Source,
+    dataset_for_path,
     default_root,
     download,
     load_source,
-    source_from_path,
 )
-from longtail.data.views import VIEWS, MultiView, build_view
+from longtail.data.transforms import TRANSFORMS, MultiView, build_transform
 
 __all__ = [
     "DATASETS",
+    "DOWNLOADABLE",
     "PROFILES",
     "SAMPLERS",
     "SPLITS",
-    "VIEWS",
+    "TRANSFORMS",
     "ArraySource",
     "EpochSampler",
     "FileSource",
     "KPerClassBatchSampler",
     "LTDataset",
     "MultiView",
+    "RunData",
     "Source",
     "build_sampler",
-    "build_view",
+    "build_transform",
     "check_counts",
     "class_counts",
+    "dataset_for_path",
     "default_root",
     "download",
     "load_source",
+    "loader_sampler",
     "long_tail_indices",
     "profile_counts",
-    "shot_groups",
-    "source_from_path",
+    "set_loader_epoch",
+    "to_device",
 ]

@@ -1,4 +1,4 @@
-"""Long-tailed subsets of balanced datasets, class counts and shot groups."""
+"""Long-tailed subsets of balanced datasets and class counts (shot groups: evaluation)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError
 
 PROFILES = ("exp", "step")
 
@@ -27,11 +27,11 @@ def profile_counts(n_max: int, num_classes: int, ratio: float, profile: str = "e
         One count per class, in label order.
     """
     if profile not in PROFILES:
-        raise UsageError(f"unknown imbalance profile {profile!r}; valid: {', '.join(PROFILES)}")
+        raise ValueError(f"unknown imbalance profile {profile!r}; valid: {', '.join(PROFILES)}")
     if not ratio >= 1:  # also rejects NaN
-        raise UsageError(f"--ratio must be >= 1 (n_max / n_min; 1 means balanced); got {ratio}")
+        raise ValueError(f"the imbalance ratio must be >= 1 (1 means balanced); got {ratio}")
     if n_max < 1 or num_classes < 1:
-        raise UsageError(f"need n_max >= 1 and num_classes >= 1; got {n_max} and {num_classes}")
+        raise ValueError(f"need n_max >= 1 and num_classes >= 1; got {n_max} and {num_classes}")
     if profile == "step":
         half = num_classes // 2
         return [n_max] * half + [int(n_max / ratio)] * (num_classes - half)
@@ -112,25 +112,6 @@ def check_counts(counts: Sequence[int] | np.ndarray, classes: Sequence[str]) -> 
     name = classes[i] if i < len(classes) else str(i)
     more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
     raise DataError(
-        f"class {i} ({name!r}){more} has no training images; use a lower --ratio or check the data"
+        f"class {i} ({name!r}){more} has no training images; lower the imbalance ratio or "
+        "check the data"
     )
-
-
-def shot_groups(
-    counts: Sequence[int] | np.ndarray, many: int = 100, few: int = 20
-) -> dict[str, list[int]]:
-    """Split classes into many/medium/few-shot groups by their training counts.
-
-    Args:
-        counts: Training images per class.
-        many: Classes with more than this many images are "many".
-        few: Classes with fewer than this many images are "few"; the rest are "medium".
-
-    Returns:
-        ``{"many": [...], "medium": [...], "few": [...]}`` lists of class indices.
-    """
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for c, n in enumerate(counts):
-        key = "many" if n > many else "few" if n < few else "medium"
-        groups[key].append(c)
-    return groups

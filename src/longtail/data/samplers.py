@@ -1,26 +1,24 @@
 """Epoch samplers for re-balancing: instance, class-balanced, square-root, reversed, progressive.
 
-Every sampler draws the whole epoch's index list from ``np.random.default_rng([seed, epoch])``,
-so all processes agree on it without communicating; the list is padded by wrapping to a
-multiple of ``world_size`` and rank ``r`` takes ``full[r::world_size]``.
+Every sampler draws the whole epoch's index list from ``np.random.default_rng([seed, epoch])``:
+an epoch's draws depend on nothing but the seed and the epoch number, so a resumed run sees
+the same batches as an uninterrupted one. A class-probability sampler picks a class per draw,
+then an image uniformly within it; that is what ``torch.utils.data.WeightedRandomSampler``
+does with per-image weights ``p_c / n_c``, in O(C) rather than O(N) work per draw, and it keeps
+the published runs of this project reproducible.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch.utils.data
 
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError
 from longtail.registry import Registry
-
-
-def _check_distributed(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UsageError(f"need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
 
 
 def _labels(labels: np.ndarray) -> np.ndarray:
@@ -32,48 +30,34 @@ def _labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _pad(full: np.ndarray, world_size: int) -> np.ndarray:
-    """Wrap ``full`` around so its length is a multiple of ``world_size``."""
-    total = -(-len(full) // world_size) * world_size
-    return np.resize(full, total) if total != len(full) else full
-
-
 class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
     """Base of the epoch samplers.
 
     Args:
         labels: Label of every image in the dataset.
-        num_samples: Draws per epoch (over all ranks); defaults to ``len(labels)``.
+        num_samples: Draws per epoch; defaults to ``len(labels)``.
         seed: Base seed; the epoch's draws use ``default_rng([seed, epoch])``.
-        rank: This process's index.
-        world_size: Number of processes sharing the epoch.
         **kw: ``total_epochs`` is accepted by every sampler (only "progressive" uses it) so
             callers can pass the same options to any of them.
     """
 
+    name: ClassVar[str] = ""
+
     def __init__(
-        self,
-        labels: np.ndarray,
-        *,
-        num_samples: int | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        **kw: Any,
+        self, labels: np.ndarray, *, num_samples: int | None = None, seed: int = 0, **kw: Any
     ) -> None:
         unknown = sorted(set(kw) - {"total_epochs"})
         if unknown:
-            raise UsageError(
+            raise TypeError(
                 f"unknown sampler option(s) {', '.join(unknown)}; valid: num_samples, seed, "
-                "rank, world_size, total_epochs"
+                "total_epochs"
             )
         super().__init__()
-        _check_distributed(rank, world_size)
         self.labels = _labels(labels)
         self.num_samples = len(self.labels) if num_samples is None else int(num_samples)
         if self.num_samples < 1:
-            raise UsageError(f"num_samples must be >= 1; got {num_samples}")
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        self.seed = int(seed)
         self.epoch = 0
         self.counts = np.bincount(self.labels).astype(np.int64)
         # Images grouped by class: class c's images are by_class[starts[c]:starts[c] + counts[c]].
@@ -93,7 +77,7 @@ class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
         """Probability that one draw comes from each class, at the current epoch."""
 
     def full_indices(self) -> np.ndarray:
-        """The whole epoch's index list (before padding and splitting across ranks)."""
+        """The whole epoch's index list."""
         rng = np.random.default_rng([self.seed, self.epoch])
         return self._draw(rng)
 
@@ -104,17 +88,24 @@ class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
         return self.by_class[self.starts[cls] + within]
 
     def __iter__(self) -> Iterator[int]:
-        full = _pad(self.full_indices(), self.world_size)
-        return iter(full[self.rank :: self.world_size].tolist())
+        return iter(self.full_indices().tolist())
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.world_size)
+        return self.num_samples
 
 
 SAMPLERS: Registry[type[EpochSampler]] = Registry("sampler")
 
 
-@SAMPLERS.register("instance")
+def _register(name: str) -> Callable[[type[EpochSampler]], type[EpochSampler]]:
+    def add(cls: type[EpochSampler]) -> type[EpochSampler]:
+        cls.name = name
+        return SAMPLERS.register(name)(cls)
+
+    return add
+
+
+@_register("instance")
 class InstanceSampler(EpochSampler):
     """Uniform over images: a random permutation, without replacement."""
 
@@ -128,7 +119,7 @@ class InstanceSampler(EpochSampler):
         return np.concatenate([rng.permutation(n) for _ in range(reps)])[: self.num_samples]
 
 
-@SAMPLERS.register("class-balanced")
+@_register("class-balanced")
 class ClassBalancedSampler(EpochSampler):
     """Class uniformly at random (among classes with images), then an image uniformly."""
 
@@ -137,7 +128,7 @@ class ClassBalancedSampler(EpochSampler):
         return present / present.sum()
 
 
-@SAMPLERS.register("sqrt")
+@_register("sqrt")
 class SqrtSampler(EpochSampler):
     """Square-root sampling: p_c proportional to sqrt(n_c)."""
 
@@ -146,7 +137,7 @@ class SqrtSampler(EpochSampler):
         return w / w.sum()
 
 
-@SAMPLERS.register("reversed")
+@_register("reversed")
 class ReversedSampler(EpochSampler):
     """BBN's reversed sampling: p_c proportional to n_max / n_c."""
 
@@ -156,7 +147,7 @@ class ReversedSampler(EpochSampler):
         return w / w.sum()
 
 
-@SAMPLERS.register("progressive")
+@_register("progressive")
 class ProgressiveSampler(EpochSampler):
     """Progressively-balanced sampling (Kang et al. 2020).
 
@@ -172,7 +163,7 @@ class ProgressiveSampler(EpochSampler):
     def __init__(self, labels: np.ndarray, *, total_epochs: int | None = None, **kw: Any) -> None:
         super().__init__(labels, **kw)
         if total_epochs is None or total_epochs < 1:
-            raise UsageError(
+            raise ValueError(
                 f"sampler 'progressive' needs total_epochs >= 1 (the training length); "
                 f"got {total_epochs}"
             )
@@ -191,7 +182,7 @@ def build_sampler(name: str, labels: np.ndarray, **kw: Any) -> EpochSampler:
     Args:
         name: One of ``SAMPLERS.names()``.
         labels: Label of every image in the dataset.
-        **kw: num_samples, seed, rank, world_size, total_epochs.
+        **kw: num_samples, seed, total_epochs.
 
     Returns:
         The sampler, at epoch 0.
@@ -213,13 +204,13 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         labels: Label of every image in the dataset.
         batch_size: Images per batch; must be a multiple of ``k``.
         k: Images per class in a batch.
-        num_samples: Images per epoch over all ranks; the epoch has
-            ``num_samples // batch_size`` batches (at least one). Defaults to ``len(labels)``.
+        num_samples: Images per epoch; the epoch has ``num_samples // batch_size`` batches (at
+            least one). Defaults to ``len(labels)``.
         seed: Base seed; the epoch's batches use ``default_rng([seed, epoch])``.
-        rank: This process's index; it takes every ``world_size``-th batch.
-        world_size: Number of processes.
         class_weighting: "uniform" or "instance" (proportional to class size).
     """
+
+    name: ClassVar[str] = "k-per-class"
 
     def __init__(
         self,
@@ -229,19 +220,16 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         *,
         num_samples: int | None = None,
         seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         class_weighting: str = "uniform",
     ) -> None:
         super().__init__()
-        _check_distributed(rank, world_size)
         self.labels = _labels(labels)
         if k < 1 or batch_size < k or batch_size % k:
-            raise UsageError(
+            raise ValueError(
                 f"batch_size must be a positive multiple of k; got batch_size={batch_size}, k={k}"
             )
         if class_weighting not in CLASS_WEIGHTINGS:
-            raise UsageError(
+            raise ValueError(
                 f"unknown class_weighting {class_weighting!r}; valid: {', '.join(CLASS_WEIGHTINGS)}"
             )
         self.batch_size, self.k = int(batch_size), int(k)
@@ -249,13 +237,13 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.counts = np.bincount(self.labels).astype(np.int64)
         self.present = np.flatnonzero(self.counts)
         if self.classes_per_batch > len(self.present):
-            raise UsageError(
+            raise ValueError(
                 f"batch_size // k = {self.classes_per_batch} classes per batch, but only "
                 f"{len(self.present)} classes have images; lower batch_size or raise k"
             )
         self.num_samples = len(self.labels) if num_samples is None else int(num_samples)
         self.num_batches = max(1, self.num_samples // self.batch_size)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.seed = int(seed)
         self.class_weighting = class_weighting
         self.epoch = 0
         order = np.argsort(self.labels, kind="stable")
@@ -267,7 +255,7 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def full_batches(self) -> np.ndarray:
-        """All batches of the epoch, shape (num_batches, batch_size), before rank splitting."""
+        """All batches of the epoch, shape (num_batches, batch_size)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         p = None
         if self.class_weighting == "instance":
@@ -283,10 +271,7 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = _pad(np.arange(self.num_batches), self.world_size)
-        full = self.full_batches()
-        for b in batches[self.rank :: self.world_size]:
-            yield full[b].tolist()
+        yield from self.full_batches().tolist()
 
     def __len__(self) -> int:
-        return -(-self.num_batches // self.world_size)
+        return self.num_batches

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError
 from longtail.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -64,7 +64,6 @@ class Source:
         channels: 1 (grey) or 3 (RGB).
         mean: Per-channel normalisation mean in [0, 1] units.
         std: Per-channel normalisation std in [0, 1] units.
-        image_size: Natural side length of the images (a hint for choosing the view size).
     """
 
     targets: np.ndarray
@@ -72,7 +71,6 @@ class Source:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    image_size: int = 224
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +94,7 @@ class Source:
         """Validate the shared attributes after a subclass has filled them in."""
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise UsageError(
+            raise ValueError(
                 f"mean/std need {self.channels} value(s), one per channel; "
                 f"got mean={self.mean}, std={self.std}"
             )
@@ -147,7 +145,6 @@ class ArraySource(Source):
         self.classes = [str(c) for c in classes]
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.image_size = int(images.shape[1])
         self._check()
 
     def load(self, i: int) -> torch.Tensor:
@@ -227,7 +224,7 @@ def default_root(name: str) -> Path:
     Returns:
         The default root folder (which need not exist).
     """
-    DATASETS.get(name)  # unknown names -> UsageError listing the valid ones
+    DATASETS.get(name)  # an unknown name is a ValueError listing the valid ones
     root = _data_home() / name
     if name == "fashion-mnist" and not root.exists() and FASHION_MNIST_SYSTEM_ROOT.is_dir():
         return FASHION_MNIST_SYSTEM_ROOT
@@ -236,7 +233,7 @@ def default_root(name: str) -> Path:
 
 def _check_split(name: str, split: str, available: Sequence[str]) -> None:
     if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if split not in available:
         raise DataError(f"{name} has no {split!r} split; available: {', '.join(available)}")
 
@@ -255,14 +252,14 @@ def load_source(name: str, root: str | Path | None, split: str, **options: Any) 
     """
     builder = DATASETS.get(name)
     if split not in SPLITS:
-        raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     path = Path(root).expanduser() if root is not None else None
     return builder(path, split, **options)
 
 
 def _no_options(name: str, options: dict[str, Any]) -> None:
     if options:
-        raise UsageError(f"dataset {name!r} takes no options; got {', '.join(sorted(options))}")
+        raise ValueError(f"dataset {name!r} takes no options; got {', '.join(sorted(options))}")
 
 
 # --- CIFAR -----------------------------------------------------------------------------------
@@ -497,17 +494,21 @@ def _image_folder(root: Path, folder: Path, classes: list[str]) -> FileSource:
 
 @DATASETS.register("folder")
 def _folder(root: Path | None, split: str, **options: Any) -> Source:
+    """``root/<split>/<class>/**/<image>``; a tree with no split folder is the train split."""
     _no_options("folder", options)
     if root is None:
-        raise UsageError("dataset 'folder' needs a root: pass --root PATH (with train/<class>/...)")
+        raise ValueError("dataset 'folder' needs root: the folder holding train/<class>/<image>")
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist; pass --root PATH to your images")
+        raise DataError(f"image folder {root} does not exist; give the folder of your images")
     present = [s for s in SPLITS if (root / s).is_dir()]
-    if not present:
-        raise DataError(
-            f"{root} has no train/, val/ or test/ subfolder; arrange images as "
-            f"{root}/train/<class_name>/<image>"
-        )
+    if not present:  # a plain <class>/<image> tree: one split, the training set
+        if not _class_dirs(root):
+            raise DataError(
+                f"{root} has no class folders; arrange images as {root}/train/<class_name>/"
+                "<image> (and test/<class_name>/<image> for evaluation)"
+            )
+        _check_split(f"folder {root}", split, ["train"])
+        return _image_folder(root, root, _class_dirs(root))
     _check_split(f"folder {root}", split, present)
     # Union over splits so that a class missing from one split keeps the same label everywhere.
     classes = sorted({c for s in present for c in _class_dirs(root / s)})
@@ -523,7 +524,7 @@ def _resolve_file(path: str | Path, root: Path | None) -> Path:
 
 def _split_file(name: str, files: Any, split: str, root: Path | None) -> Path:
     if not isinstance(files, dict) or not files:
-        raise UsageError(
+        raise ValueError(
             f"dataset {name!r} needs option files={{split: path}}, e.g. "
             f"files={{'train': 'ImageNet_LT_train.txt', 'test': 'ImageNet_LT_test.txt'}}"
         )
@@ -636,41 +637,35 @@ def _json(
     return FileSource(root if root is not None else path.parent, paths, labels, classes)
 
 
-def source_from_path(
-    path: str | Path, split: str = "train", *, root: str | Path | None = None
-) -> Source:
-    """Open a dataset given just a path (for ``longtail data stats PATH``).
+def dataset_for_path(path: str | Path, root: str | Path | None = None) -> dict[str, Any]:
+    """The dataset settings that read the images at ``path`` (for ``longtail data stats PATH``).
 
     Args:
-        path: An ImageFolder tree (its ``<split>/`` subfolder is used when present), a ``.txt``
-            list file or a ``.json`` annotation file.
-        split: Split subfolder to use for ImageFolder trees.
-        root: Folder image paths in list/JSON files are relative to (default: the file's folder).
+        path: An image folder (``<split>/<class>/`` or ``<class>/`` inside), a ``.txt`` list
+            file or a ``.json`` annotation file; the file becomes the train split.
+        root: Folder that image paths in list/JSON files are relative to (default: the
+            file's folder).
 
     Returns:
-        The source.
+        ``{"dataset", "root", "files"}``, the keys of the config's ``data`` section.
     """
     p = Path(path).expanduser()
-    base = Path(root).expanduser() if root is not None else p.parent
     if p.is_dir():
-        if any((p / s).is_dir() for s in SPLITS):
-            return _folder(p, split)
-        return _image_folder(p, p, _class_dirs(p))
+        return {"dataset": "folder", "root": str(p), "files": {}}
     if not p.exists():
         raise DataError(f"{p} does not exist; give an image folder, a .txt list or a .json file")
-    suffix = p.suffix.lower()
-    if suffix == ".txt":
-        paths, labels = read_list_file(p)
-        k = _num_classes(labels, None, None, p)
-        return FileSource(base, paths, labels, [str(i) for i in range(k)])
-    if suffix == ".json":
-        paths, labels, declared, names = read_json_annotations(p)
-        k = _num_classes(labels, None, declared, p)
-        return FileSource(base, paths, labels, [names.get(i, str(i)) for i in range(k)])
-    raise DataError(f"cannot tell the format of {p}; give an image folder, a .txt or a .json file")
+    kind = {".txt": "list", ".json": "json"}.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"cannot tell the format of {p}; give an image folder, a .txt or a .json file"
+        )
+    base = Path(root).expanduser() if root is not None else p.parent
+    return {"dataset": kind, "root": str(base), "files": {"train": str(p)}}
 
 
 _DOWNLOADERS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "fashion-mnist": "FashionMNIST"}
+#: Datasets that :func:`download` can fetch.
+DOWNLOADABLE = tuple(sorted(_DOWNLOADERS))
 
 
 def download(name: str, root: str | Path) -> Path:
@@ -684,9 +679,7 @@ def download(name: str, root: str | Path) -> Path:
         The root, ready to pass to :func:`load_source`.
     """
     if name not in _DOWNLOADERS:
-        raise UsageError(
-            f"cannot download {name!r}; downloadable: {', '.join(sorted(_DOWNLOADERS))}"
-        )
+        raise ValueError(f"cannot download {name!r}; downloadable: {', '.join(DOWNLOADABLE)}")
     import torchvision.datasets as tvd  # only needed here
 
     root = Path(root).expanduser()

@@ -1,56 +1,51 @@
-"""The training loop. It knows epochs, steps, stages, optimizers and checkpoints; the
-method supplies the model, the loaders of its branches and the loss of one step."""
+"""The training loop. It knows epochs, steps, stages, optimizers and checkpoints; the method
+supplies its modules, the loaders of its branches and the loss terms of a step.
+
+    fit             stages x epochs: optimizer per stage, evaluation, checkpoint, log
+    train_one_epoch steps: lr schedule, forward (the method), backward, optimizer, hooks
+    evaluate        a split's logits through ``method.predict`` -> metrics
+"""
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor
+from torch.utils.data import DataLoader
 
-from longtail.config import (
-    Config,
-    OptimConfig,
-    TrainConfig,
-    config_from_dict,
-    dump_config,
-    method_options,
-)
-from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from longtail.engine.rundata import RunData, set_loader_epoch, to_device
+from longtail.config import Config, OptimConfig, TrainConfig
+from longtail.data import RunData, set_loader_epoch, to_device
+from longtail.engine.checkpoint import save_checkpoint
+from longtail.engine.logging import RESERVED_KEYS, MetricsLog, ProgressBar, format_record
 from longtail.engine.schedules import learning_rate
-from longtail.errors import LongtailError, UsageError
-from longtail.evaluation.metrics import evaluate_logits
-from longtail.methods import METHODS
-from longtail.methods.base import Method, Network, Stage
+from longtail.errors import LongtailError
+from longtail.evaluation import evaluate_logits
+from longtail.methods import Method, Stage
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-def build_method(cfg: Config) -> Method:
-    return METHODS.get(cfg.method_name)(cfg, method_options(cfg))
+EVAL_KEYS = ("top1", "many", "medium", "few")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when visible, else the CPU; a CUDA device must be visible."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"train.device={name!r} but no CUDA device is visible; use cpu or auto")
+        raise ValueError(f"{name!r} but no CUDA device is visible; use cpu or auto")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UsageError(
-            f"train.device={name!r} is not a device; use auto, cpu or cuda[:N]"
-        ) from None
+        raise ValueError(f"{name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name!r} but only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -59,9 +54,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD over the method's trainable parameters (frozen ones have requires_grad False)."""
     return torch.optim.SGD(
-        [p for p in params if p.requires_grad],
+        [p for p in method.parameters() if p.requires_grad],
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -79,336 +75,267 @@ def locate_stage(stages: list[Stage], epoch: int) -> tuple[int, Stage, int]:
     raise ValueError(f"epoch {epoch} is past the last stage")
 
 
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a run silently; ``resume`` needs an existing one."""
-    last = out / CHECKPOINT_DIR / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise UsageError(f"--resume: no checkpoint at {last}; start the run without --resume")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(
-            f"run directory {out} already exists; pass --resume to continue it or choose "
-            "another --out"
+class StepBatches(Mapping[str, Any]):
+    """One step's batches, moved to the device when a method first reads them.
+
+    The engine counts the images of the batches a step actually read, so a branch that a
+    method skips (a zero curriculum weight, say) neither travels to the device nor counts.
+    """
+
+    def __init__(self, raw: dict[str, Any], device: torch.device, channels_last: bool) -> None:
+        self._raw, self._device, self._channels_last = raw, device, channels_last
+        self._moved: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._moved:
+            self._moved[key] = to_device(self._raw[key], self._device, self._channels_last)
+        return self._moved[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def images_read(self) -> int:
+        """Images in the batches read so far (every view of a multi-view batch counts)."""
+        total = 0
+        for batch in self._moved.values():
+            x = batch[0]
+            total += sum(v.shape[0] for v in x) if isinstance(x, (list, tuple)) else x.shape[0]
+        return int(total)
+
+
+class NonFiniteGuard:
+    """Finds the first step whose loss terms were not finite, syncing only when asked.
+
+    Each step's terms stay on the device until :meth:`check`, which the engine calls at its
+    logging steps and before every checkpoint: a bad step never reaches a checkpoint, and
+    the error names the term, the epoch and the step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, list[str], Tensor]] = []
+
+    def add(self, step: int, terms: dict[str, Tensor]) -> None:
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        self._pending.append((step, list(terms), values))
+
+    def check(self, epoch: int) -> None:
+        pending, self._pending = self._pending, []
+        if not pending or bool(torch.isfinite(torch.cat([v for _, _, v in pending])).all()):
+            return
+        for step, names, values in pending:
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise LongtailError(
+                    f"loss term {names[i]!r} became {float(values[i])} at epoch {epoch + 1} "
+                    f"step {step + 1}; training stopped and the last checkpoint is kept; lower "
+                    "optim.lr or check the data"
+                )
+
+
+def train_one_epoch(
+    method: Method,
+    loaders: dict[str, DataLoader],
+    optimizer: torch.optim.Optimizer,
+    lr_at: Callable[[float], float],
+    epoch: int,
+    device: torch.device,
+    train_cfg: TrainConfig,
+    bar: ProgressBar,
+) -> dict[str, Any]:
+    """One pass over the shortest of ``loaders``; returns the epoch's record (no evaluation).
+
+    Args:
+        method: The method, on ``device``.
+        loaders: The stage's named loaders, re-seeded here for ``epoch``.
+        optimizer: The stage's optimizer.
+        lr_at: Learning rate at a fraction of this epoch (0 at its first step).
+        epoch: Global 0-based epoch.
+        device: Training device.
+        train_cfg: The config's ``train`` section.
+        bar: Progress display.
+    """
+    for loader in loaders.values():
+        set_loader_epoch(loader, epoch)
+    steps = min(len(loader) for loader in loaders.values())
+    method.train()
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if train_cfg.amp and device.type == "cuda"
+        else nullcontext()
+    )
+    guard = NonFiniteGuard()
+    sums: dict[str, Tensor] = {}
+    images, lr, t0 = 0, float("nan"), time.perf_counter()
+    for step, batch in enumerate(zip(*loaders.values(), strict=False)):
+        lr = lr_at(step / steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batches = StepBatches(
+            dict(zip(loaders, batch, strict=True)), device, train_cfg.channels_last
         )
-    out.mkdir(parents=True, exist_ok=True)
-
-
-class MetricsLog:
-    """Appends one JSON object per epoch to metrics.jsonl and mirrors scalars to TensorBoard."""
-
-    def __init__(self, out: Path, tensorboard: bool = True) -> None:
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch" and v is not None:
-                    self.tb.add_scalar(k, v, record["epoch"])
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        with amp:
+            terms = method.training_step(batches, epoch)
+        guard.add(step, terms)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        method.after_optimizer_step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        images += batches.images_read()
+        if step % train_cfg.log_every == 0 or step == steps - 1:
+            guard.check(epoch)
+            bar.advance(f"loss {float(terms['loss'].detach()):.4f}")
+        else:
+            bar.advance("")
+    guard.check(epoch)
+    elapsed = time.perf_counter() - t0
+    return {
+        "lr": lr,
+        **{f"train/{k}": float(v) / steps for k, v in sums.items()},
+        "steps": steps,
+        "epoch_time_s": elapsed,
+        "images_per_s": images / max(elapsed, 1e-9),
+    }
 
 
 @torch.no_grad()
 def predict_loader(
-    method: Method,
-    model: nn.Module,
-    loader: Iterable,
-    device: torch.device,
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole evaluation loader, in eval mode."""
-    was_training = model.training
-    model.eval()
+    method: Method, loader: Iterable, device: torch.device, channels_last: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Logits and labels of a whole evaluation loader, in eval mode.
+
+    The random state is put back afterwards (a loader draws a seed when it starts), so
+    evaluating during training never changes what training does next.
+    """
+    was_training = method.training
+    method.eval()
     all_logits, all_labels = [], []
-    for x, y, _ in loader:
-        logits = method.predict(model, to_device(x, device, channels_last))
-        all_logits.append(logits.float().cpu())
-        all_labels.append(y)
-    model.train(was_training)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for x, y, _ in loader:
+            logits = method.predict(to_device(x, device, channels_last))
+            all_logits.append(logits.float().cpu())
+            all_labels.append(y)
+    method.train(was_training)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate_split(
+def evaluate(
     method: Method,
-    model: nn.Module,
     data: RunData,
     split: str,
     device: torch.device,
     train_cfg: TrainConfig,
     batch_size: int = 256,
-) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Metrics, logits and labels of ``split`` with the run's test view and memory format."""
-    loader = data.eval_loader(split, batch_size, train_cfg.test_view)
-    logits, labels = predict_loader(method, model, loader, device, train_cfg.channels_last)
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """Metrics, logits and labels of ``split`` with the run's test transform and memory format."""
+    loader = data.eval_loader(split, batch_size, train_cfg.test_transform)
+    logits, labels = predict_loader(method, loader, device, train_cfg.channels_last)
     return evaluate_logits(logits, labels, data.counts.tolist()), logits, labels
 
 
-class _Progress:
-    """A rich progress bar on a terminal; one plain line per epoch otherwise."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=True,
-            )
-            self.bar.start()
-        self.task = None
-
-    def start_epoch(self, epoch: int, total_epochs: int, steps: int) -> None:
-        if self.bar is not None:
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(f"epoch {epoch}/{total_epochs}", total=steps, info="")
-
-    def advance(self, info: str) -> None:
-        if self.bar is not None and self.task is not None:
-            self.bar.update(self.task, advance=1, info=info)
-
-    def end_epoch(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _restore(method: Method, ckpt: dict[str, Any]) -> None:
+    method.load_state_dict(ckpt["model"])
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
 
 
-def _fmt(record: dict[str, Any]) -> str:
-    keys = [k for k in record if k.startswith(("train/", "test/top1", "val/top1"))]
-    parts = [f"epoch {record['epoch']}/{record['epochs']}", f"lr {record['lr']:.4g}"]
-    if "alpha" in record:
-        parts.append(f"alpha {record['alpha']:.3f}")
-    parts += [
-        f"{k.split('/', 1)[1] if k.startswith('train/') else k} {record[k]:.4f}" for k in keys
-    ]
-    parts.append(f"{record['images_per_s']:.0f} img/s")
-    return "  ".join(parts)
+def fit(
+    method: Method,
+    data: RunData,
+    cfg: Config,
+    out: Path,
+    device: torch.device,
+    *,
+    ckpt: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Train ``method`` through all its stages, checkpointing ``out`` after every epoch.
 
-
-def train(
-    cfg: Config, out: str | Path, *, resume: bool = False, progress: bool | None = None
-) -> dict[str, Any]:
-    """Train ``cfg`` into run directory ``out`` and evaluate the last epoch on the test split.
-
-    Returns:
-        The test metrics of the last epoch (also written to ``eval_test.json``).
+    Args:
+        method: A set-up method on ``device``.
+        data: The run's data.
+        cfg: The validated config.
+        out: The run directory (exists; checkpoints and metrics go here).
+        device: Training device.
+        ckpt: A checkpoint to continue from (its epoch is the last finished one).
+        progress: Show a progress bar (default: when stderr is a terminal).
     """
-    out = Path(out)
-    prepare_run_dir(out, resume)
-    if resume:  # the run's own config wins over the one given on the command line
-        cfg = config_from_dict(_read_run_config(out))
-    else:
-        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.seed)
-
-    data = RunData.from_config(cfg.data, seed=cfg.seed)
-    data.pin_memory = device.type == "cuda"
-    if not resume:
-        summary = {
-            "dataset": cfg.data.dataset,
-            "ratio": cfg.data.ratio,
-            "profile": cfg.data.profile,
-            "num_classes": data.num_classes,
-            "classes": data.train_source.classes,
-            "counts": data.counts.tolist(),
-            "total": len(data),
-            "groups": data.groups,
-        }
-        atomic_write_bytes(out / "data.json", json.dumps(summary, indent=1).encode())
-
-    method = build_method(cfg)
-    model: Network = method.build_model(data).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     stages = method.stages()
     total_epochs = sum(s.epochs for s in stages)
-
-    start_epoch, ckpt, best = 0, None, None
-    if resume:
-        ckpt = load_checkpoint(out / CHECKPOINT_DIR / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt.get("method", {}))
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
+    start_epoch, best = 0, None
+    if ckpt is not None:
+        _restore(method, ckpt)
         start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best")
 
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if cfg.train.amp and device.type == "cuda"
-        else nullcontext()
-    )
     log = MetricsLog(out)
-    bar = _Progress(progress)
-    optimizer, stage_idx, optim_cfg = None, -1, cfg.optim
+    bar = ProgressBar(progress)
+    stage_idx, optimizer, loaders, optim_cfg = -1, None, {}, cfg.optim
     try:
         for epoch in range(start_epoch, total_epochs):
             idx, stage, stage_epoch = locate_stage(stages, epoch)
-            method.stage = stage
             if idx != stage_idx:
-                optim_cfg = cfg.optim.model_copy(update=stage.optim)
-                optimizer = build_optimizer(method.trainable_parameters(model), optim_cfg)
-                if ckpt is not None and ckpt.get("stage") == idx:
+                method.on_stage_start(stage)
+                resuming_here = ckpt is not None and ckpt["stage"] == idx
+                if resuming_here:  # undo what starting the stage re-initialised
+                    _restore(method, ckpt)
+                optim_cfg = cfg.optim.model_copy(update=dict(stage.optim))
+                optimizer = build_optimizer(method, optim_cfg)
+                if resuming_here:
                     optimizer.load_state_dict(ckpt["optimizer"])
+                loaders = method.loaders(data, stage)
                 stage_idx = idx
             assert optimizer is not None
-            scalars = method.on_epoch_start(model, epoch)
-            loaders = method.loaders(data, epoch)
-            for loader in loaders.values():
-                set_loader_epoch(loader, epoch)
-            steps = min(len(loader) for loader in loaders.values())
-            method.train_mode(model)
-            bar.start_epoch(epoch + 1, total_epochs, steps)
-            sums: dict[str, torch.Tensor] = {}
-            images, t0, lr = 0, time.perf_counter(), optim_cfg.lr
-            forwarded = method.forwarded_branches() or set(loaders)
-            for step, batch in enumerate(zip(*loaders.values(), strict=False)):
-                lr = learning_rate(optim_cfg, stage_epoch + step / steps, stage.epochs)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                batches = {
-                    k: to_device(b, device, cfg.train.channels_last)
-                    for k, b in zip(loaders, batch, strict=True)
-                }
-                with amp:
-                    terms = method.step(model, batches, epoch)
-                loss = terms["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                images += sum(
-                    _batch_images(b) for k, b in zip(loaders, batch, strict=True) if k in forwarded
-                )
-                if step % cfg.train.log_every == 0 or step == steps - 1:
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise LongtailError(
-                            f"the loss became {value} at epoch {epoch + 1} step {step + 1}; "
-                            "lower optim.lr or check the data"
-                        )
-                    bar.advance(f"loss {value:.4f}")
-                else:
-                    bar.advance("")
-            elapsed = time.perf_counter() - t0
+
+            method.on_epoch_start(epoch)
+            bar.start_epoch(epoch + 1, total_epochs, min(len(x) for x in loaders.values()))
+            stats = train_one_epoch(
+                method,
+                loaders,
+                optimizer,
+                lambda f, c=optim_cfg, e=stage_epoch, n=stage.epochs: learning_rate(c, e + f, n),
+                epoch,
+                device,
+                cfg.train,
+                bar,
+            )
+            scalars = method.scalars()
+            clash = RESERVED_KEYS.intersection(scalars)
+            if clash:
+                raise ValueError(f"{type(method).__name__}.scalars() uses reserved keys {clash}")
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "epochs": total_epochs,
                 "stage": stage.name,
-                "lr": lr,
                 **scalars,
-                **{f"train/{k}": float(v) / steps for k, v in sums.items()},
-                "epoch_time_s": elapsed,
-                "images_per_s": images / max(elapsed, 1e-9),
+                **stats,
             }
             last = epoch == total_epochs - 1
             every = cfg.train.eval_every
             if data.test_source is not None and not last and every and (epoch + 1) % every == 0:
-                res, _, _ = evaluate_split(method, model, data, "test", device, cfg.train)
-                record.update({f"test/{k}": res[k] for k in ("top1", "many", "medium", "few")})
+                res, _, _ = evaluate(method, data, "test", device, cfg.train)
+                record.update({f"test/{k}": res[k] for k in EVAL_KEYS})
             state = {
-                "model": model.state_dict(),
+                "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "stage": idx,
-                "method": method.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "best": best,
             }
             if data.val_source is not None:
-                res, _, _ = evaluate_split(method, model, data, "val", device, cfg.train)
-                record.update({f"val/{k}": res[k] for k in ("top1", "many", "medium", "few")})
+                res, _, _ = evaluate(method, data, "val", device, cfg.train)
+                record.update({f"val/{k}": res[k] for k in EVAL_KEYS})
                 if best is None or res["top1"] > best["top1"]:
                     best = {"epoch": epoch + 1, "top1": res["top1"]}
                     state["best"] = best
                     save_checkpoint(state, out / CHECKPOINT_DIR / "best.pt")
             save_checkpoint(state, out / CHECKPOINT_DIR / "last.pt")
             log.write(record)
-            bar.end_epoch(_fmt(record))
+            bar.end_epoch(format_record(record))
     finally:
         bar.close()
         log.close()
-
-    return evaluate_run(out, cfg=cfg, method=method, model=model, data=data, device=device)
-
-
-def _batch_images(batch: Any) -> int:
-    x = batch[0]
-    if isinstance(x, (list, tuple)):
-        return sum(v.shape[0] for v in x)
-    return int(x.shape[0])
-
-
-def _read_run_config(out: Path) -> dict[str, Any]:
-    import yaml
-
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise LongtailError(f"{out} is not a run directory: {path} is missing")
-    return yaml.safe_load(path.read_text())
-
-
-def evaluate_run(
-    out: str | Path,
-    *,
-    checkpoint: str = "last",
-    split: str = "test",
-    cfg: Config | None = None,
-    method: Method | None = None,
-    model: nn.Module | None = None,
-    data: RunData | None = None,
-    device: torch.device | None = None,
-    save: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a run directory's checkpoint on ``split``; writes ``eval_<split>.json``."""
-    out = Path(out)
-    if cfg is None:
-        cfg = config_from_dict(_read_run_config(out))
-    device = device or resolve_device(cfg.train.device)
-    if data is None:
-        data = RunData.from_config(cfg.data, seed=cfg.seed)
-        if split == "val" and data.val_source is None:
-            raise UsageError(
-                f"{cfg.data.dataset} has no validation split configured (data.val_split)"
-            )
-    if method is None or model is None:
-        method = build_method(cfg)
-        model = method.build_model(data).to(device)
-        ckpt = load_checkpoint(out / CHECKPOINT_DIR / f"{checkpoint}.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt.get("method", {}))
-        epoch = ckpt["epoch"] + 1
-    else:
-        epoch = sum(s.epochs for s in method.stages())
-    res, logits, labels = evaluate_split(method, model, data, split, device, cfg.train)
-    res = {"split": split, "checkpoint": checkpoint, "epoch": epoch, **res}
-    if save:
-        atomic_write_bytes(out / f"eval_{split}.json", json.dumps(res, indent=1).encode())
-    return res

@@ -1,6 +1,15 @@
-"""Methods: each module registers the papers' methods into ``METHODS``."""
+"""Methods: the one place that knows a paper. Importing this package registers them all."""
 
 from longtail.methods import ce, hybrid, two_stage  # noqa: F401  (registration)
-from longtail.methods.registry import METHODS
+from longtail.methods.base import METHODS, Method, MethodOptions, Stage, register_method
+from longtail.methods.curriculum import CURRICULA, curriculum_alpha
 
-__all__ = ["METHODS"]
+__all__ = [
+    "CURRICULA",
+    "METHODS",
+    "Method",
+    "MethodOptions",
+    "Stage",
+    "curriculum_alpha",
+    "register_method",
+]

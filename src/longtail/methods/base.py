@@ -1,147 +1,187 @@
 """The Method protocol: the one place that knows a paper.
 
-The engine asks a method for its stages, its model, the loaders of its branches, and the
-named loss terms of one step; it never looks inside.
+A method is an ``nn.Module`` that owns its backbone, heads, buffers and any teacher, so its
+whole state is its ``state_dict``. The engine drives it through these hooks and never looks
+inside:
+
+    setup(data)                   build the modules (needs class count, channels, counts)
+    stages()                      spans of epochs with their own optimizer settings
+    on_stage_start(stage)         freeze / unfreeze / re-initialise for the stage
+    loaders(data, stage)          the named training loaders of the stage's branches
+    on_epoch_start(epoch)         per-epoch settings (a curriculum weight, a switch)
+    training_step(batches, epoch) named loss terms of one step; "loss" is back-propagated
+    after_optimizer_step()        momentum encoders, queues, centre updates
+    predict(x)                    logits used for evaluation
+    scalars()                     numbers to log each epoch, reported as they are
+
+A method with several stages can give each :class:`Stage` its own ``start``, ``loaders`` and
+``step``; the default hooks call them, so no method branches on a stage's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from longtail.config import Config
-from longtail.engine.rundata import RunData
+from longtail.data import RunData
 from longtail.models import build_backbone, build_classifier
+from longtail.registry import Registry
+
+Batches = Mapping[str, Any]
+StepFn = Callable[[Batches, int], dict[str, Tensor]]
 
 
-class Options(BaseModel):
-    """Base of every method's options: unknown keys are errors."""
+class MethodOptions(BaseModel):
+    """Base of every method's options (the ``method:`` section): unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
-    """A span of epochs with its own optimizer and schedule (e.g. cRT's classifier stage).
+    """A span of epochs with its own optimizer and schedule (e.g. a classifier re-training).
 
     Attributes:
-        name: Shown in logs and stored in checkpoints.
+        name: Shown in logs; checkpoints store the stage's index.
         epochs: Length of the stage.
-        optim: Overrides of ``cfg.optim`` for this stage (e.g. ``{"lr": 0.1}``).
+        optim: Overrides of the config's ``optim`` section for this stage.
+        start: Called when the stage starts (after the method's own on_stage_start work).
+        loaders: The stage's training loaders, when they differ from the method's.
+        step: The stage's training step, when it differs from the method's.
     """
 
     name: str
     epochs: int
-    optim: dict[str, Any] = field(default_factory=dict)
+    optim: Mapping[str, Any] = field(default_factory=dict)
+    start: Callable[[], None] | None = None
+    loaders: Callable[[RunData], dict[str, DataLoader]] | None = None
+    step: StepFn | None = None
 
 
-class Network(nn.Module):
-    """A backbone with the heads a method asked for.
+class Method(nn.Module):
+    """Base class: a backbone and a classifier from the config's ``model`` section.
 
-    ``forward`` returns classifier logits; methods call the parts directly in training.
+    Subclasses set ``Options`` and define ``loaders`` and ``training_step`` (or give their
+    stages their own); everything else has a default.
+
+    Args:
+        cfg: The whole validated run config.
+        options: The ``method:`` section, validated by ``Options``.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        classifier: nn.Module,
-        projector: nn.Module | None = None,
-        prototypes: nn.Module | None = None,
-        aux_classifier: nn.Module | None = None,
-    ) -> None:
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, cfg: Config, options: MethodOptions) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.classifier = classifier
-        self.projector = projector
-        self.prototypes = prototypes
-        self.aux_classifier = aux_classifier
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.backbone(x))
-
-
-class Method:
-    """Base class; subclasses set ``Options`` and override what differs.
-
-    The default is plain cross-entropy training of one branch named ``cls``.
-    """
-
-    name: ClassVar[str] = ""
-    Options: ClassVar[type[Options]] = Options
-
-    def __init__(self, cfg: Config, options: Options) -> None:
         self.cfg = cfg
         self.opts = options
         self.stage: Stage | None = None
-        self._loaders: dict[str, DataLoader] | None = None
+        self._frozen: list[nn.Module] = []
 
     # -- structure ----------------------------------------------------------------------
+    def setup(self, data: RunData) -> None:
+        """Build the modules; the default is ``backbone`` and ``classifier``."""
+        m = self.cfg.model
+        self.backbone = build_backbone(m.backbone, in_channels=data.channels)
+        self.classifier = build_classifier(
+            m.classifier, self.backbone.feature_dim, data.num_classes, **m.classifier_options
+        )
+
     def stages(self) -> list[Stage]:
+        """One stage of ``train.epochs`` by default."""
         return [Stage("train", self.cfg.train.epochs)]
 
-    def build_model(self, data: RunData) -> Network:
-        m = self.cfg.model
-        backbone = build_backbone(m.backbone, in_channels=data.channels)
-        classifier = build_classifier(
-            m.classifier, backbone.feature_dim, data.num_classes, **m.classifier_options
-        )
-        return Network(backbone, classifier)
+    def on_stage_start(self, stage: Stage) -> None:
+        """Make every parameter trainable again, then run the stage's own ``start``."""
+        self.stage = stage
+        self.unfreeze()
+        if stage.start is not None:
+            stage.start()
 
-    def trainable_parameters(self, model: Network) -> Iterable[nn.Parameter]:
-        return model.parameters()
-
-    # -- data ---------------------------------------------------------------------------
-    def loaders(self, data: RunData, epoch: int) -> dict[str, DataLoader]:
-        """Loaders of this epoch's branches; built once and re-seeded by the engine."""
-        if self._loaders is None:
-            self._loaders = self.build_loaders(data)
-        return self._loaders
-
-    def build_loaders(self, data: RunData) -> dict[str, DataLoader]:
-        t = self.cfg.train
-        return {
-            "cls": data.train_loader(
-                sampler=t.sampler, batch_size=t.batch_size, views=t.view, total_epochs=t.epochs
-            )
-        }
+    def loaders(self, data: RunData, stage: Stage) -> dict[str, DataLoader]:
+        """Named training loaders; each step gets one batch of each (shortest sets the epoch)."""
+        if stage.loaders is None:
+            raise TypeError(f"{type(self).__name__} defines no loaders for stage {stage.name!r}")
+        return stage.loaders(data)
 
     # -- training -----------------------------------------------------------------------
-    def train_mode(self, model: Network) -> None:
-        """Put the model in training mode for the current stage (frozen parts stay in eval)."""
-        model.train()
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (0-based, counted over all stages)."""
 
-    def on_epoch_start(self, model: Network, epoch: int) -> dict[str, float]:
-        """Called before each epoch; returns scalars to log (e.g. the curriculum alpha)."""
-        return {}
+    def training_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
+        """Named loss terms of one step; ``loss`` is the one that is back-propagated.
 
-    def forwarded_branches(self) -> set[str] | None:
-        """Loader names whose batches ``step`` forwards this epoch (None: all of them).
-
-        Only used to count images per second honestly when a branch is skipped.
+        Args:
+            batches: One batch per loader name, each ``(images, labels, indices)`` on the
+                training device; a method reads only the ones it uses.
+            epoch: The 0-based epoch.
         """
-        return None
+        if self.stage is None or self.stage.step is None:
+            name = self.stage.name if self.stage else None
+            raise TypeError(f"{type(self).__name__} defines no training_step for stage {name!r}")
+        return self.stage.step(batches, epoch)
 
-    def step(self, model: Network, batches: dict[str, Any], epoch: int) -> dict[str, Tensor]:
-        """Named loss terms of one step; ``loss`` is the one that is back-propagated."""
-        x, y, _ = batches["cls"]
-        ce = F.cross_entropy(model(x), y)
-        return {"loss": ce, "ce": ce}
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (EMA teachers, queues, centre updates)."""
 
-    @torch.no_grad()
-    def predict(self, model: Network, x: Tensor) -> Tensor:
-        """Logits used for evaluation."""
-        return model(x)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Method state beyond the model's weights, saved in checkpoints."""
+    def scalars(self) -> dict[str, float]:
+        """Numbers to log with the epoch (a curriculum weight, a margin, ...)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+    # -- inference ----------------------------------------------------------------------
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits used for evaluation."""
+        return self.classifier(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predict(x)
+
+    # -- freezing -----------------------------------------------------------------------
+    def freeze(self, *modules: nn.Module) -> None:
+        """No gradients and eval mode (BatchNorm statistics kept) for ``modules``."""
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+            self._frozen.append(m)
+
+    def unfreeze(self) -> None:
+        """Undo every :meth:`freeze`."""
+        for m in self._frozen:
+            m.requires_grad_(True)
+        self._frozen = []
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(
+    name: str,
+    cls: type[Method],
+    *,
+    description: str,
+    paper: str,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """Register ``cls`` under ``name``; a variant is the same class with other defaults.
+
+    Args:
+        name: What users type as ``method.name``.
+        cls: The Method subclass.
+        description: One line for ``longtail methods``.
+        paper: The paper the method comes from (authors, venue, year).
+        defaults: Option values of this variant, applied under the user's ``method:`` keys.
+    """
+    METHODS.register(name, cls, description=description, paper=paper, defaults=dict(defaults or {}))

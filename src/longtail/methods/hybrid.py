@@ -2,7 +2,7 @@
 
 One backbone, two branches, two samplers, one loss per step:
 
-    L = alpha(T) * L_con(B_con) + (1 - alpha(T)) * L_CE(B_cls)
+    L = alpha(T) * L_features(B_con) + (1 - alpha(T)) * L_CE(B_cls)
 
 * feature branch: projection MLP (one hidden layer) -> L2-normalised z, trained with SC,
   PSC or MPSC on instance-sampled batches of two augmented views per image;
@@ -11,199 +11,124 @@ One backbone, two branches, two samplers, one loss per step:
 * alpha(T) moves the weight from feature learning to classifier learning (parabolic on
   CIFAR, linear on iNaturalist, constant for the "w/o curriculum" ablation).
 
-Prediction is the classifier branch. ``ce-ce`` swaps the contrastive loss for
-cross-entropy through a second linear head (the paper's Table 4 ablation).
+Prediction is the classifier branch. The registered variants differ only in their defaults:
+hybrid-sc, hybrid-psc, hybrid-mpsc (M = 2) and ce-ce (the paper's Table 4 ablation, CE in
+both branches).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from longtail.config import known_name
-from longtail.engine.rundata import RunData
-from longtail.engine.schedules import curriculum_alpha
-from longtail.losses import mpsc_loss, psc_loss, sup_con_loss
-from longtail.methods.base import Method, Network, Options
-from longtail.methods.registry import METHODS
-from longtail.models import ProjectionMLP, PrototypeBank, build_classifier
+from longtail.data import RunData
+from longtail.methods.base import Batches, Method, Stage, register_method
+from longtail.methods.contrastive import (
+    ContrastiveOptions,
+    FeatureBranch,
+    SamplerName,
+    TransformName,
+    contrastive_loader,
+)
+from longtail.methods.curriculum import CURRICULA, curriculum_alpha
+
+PAPER = "Wang et al., Contrastive Learning based Hybrid Networks for Long-Tailed Image Classification, CVPR 2021"  # noqa: E501
 
 
-class HybridOptions(Options):
-    """Options of the hybrid network; the defaults are the paper's CIFAR recipe."""
+class HybridOptions(ContrastiveOptions):
+    """Feature-branch options plus the classifier branch and the curriculum."""
 
-    loss: Literal["sc", "psc", "mpsc", "ce"] = "sc"
-    temperature: float = Field(0.1, gt=0)  # tau of the contrastive loss
-    num_prototypes: int = Field(1, ge=1)  # M, prototypes per class (mpsc)
-    curriculum: str = "parabolic"  # alpha(T): parabolic, linear, constant
+    curriculum: Annotated[str, AfterValidator(CURRICULA.check)] = "parabolic"
     alpha: float = Field(0.5, ge=0, le=1)  # the constant curriculum's value
-    con_sampler: str = "instance"  # feature branch sampler
-    con_batch_size: int | None = Field(None, ge=2)  # images (x2 views); None = train.batch_size
-    # The paper's two PSC views are the shared pipeline with and without colour jitter;
-    # we use the same pair for SC (our choice, configurable).
-    con_views: list[str] = Field(default_factory=lambda: ["hybrid-jitter", "hybrid"])
-    con_k_per_class: int | None = Field(None, ge=1)  # k same-class images per sampled class
-    cls_sampler: str = "class-balanced"  # classifier branch sampler
-    cls_batch_size: int | None = Field(None, ge=1)
-    cls_view: str = "hybrid"
-    block_size: int | None = Field(1024, ge=1)  # SC anchors per block; None = direct N^2
-
-    @field_validator("curriculum")
-    @classmethod
-    def _known_curriculum(cls, v: str) -> str:
-        return known_name("curriculum", v)
-
-    @field_validator("con_sampler", "cls_sampler")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        return known_name("sampler", v)
-
-    @field_validator("cls_view")
-    @classmethod
-    def _known_view(cls, v: str) -> str:
-        return known_name("view", v)
-
-    @field_validator("con_views")
-    @classmethod
-    def _known_views(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("needs at least one view")
-        return [known_name("view", name) for name in v]
+    cls_sampler: SamplerName = "class-balanced"  # classifier branch sampler
+    cls_batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
+    cls_transform: TransformName = "hybrid"
 
 
 class Hybrid(Method):
-    """The hybrid network; the registered names differ only in their default loss."""
+    """The hybrid network: a contrastive feature branch and a balanced classifier branch."""
 
-    name = "hybrid-sc"
     Options = HybridOptions
     opts: HybridOptions
 
-    def __init__(self, cfg: Any, options: HybridOptions) -> None:
-        super().__init__(cfg, options)
+    def setup(self, data: RunData) -> None:
+        super().setup(data)  # backbone, classifier
+        m = self.cfg.model
+        self.features = FeatureBranch(
+            self.opts,
+            self.backbone.feature_dim,
+            data.num_classes,
+            m.projection_hidden,
+            m.projection_dim,
+        )
         self.alpha = 1.0
 
-    def build_model(self, data: RunData) -> Network:
-        net = super().build_model(data)
-        o, m = self.opts, self.cfg.model
-        dim = net.backbone.feature_dim
-        if o.loss == "ce":
-            net.aux_classifier = build_classifier("linear", dim, data.num_classes)
-            return net
-        net.projector = ProjectionMLP(dim, m.projection_hidden, m.projection_dim)
-        if o.loss in ("psc", "mpsc"):
-            net.prototypes = PrototypeBank(data.num_classes, o.num_prototypes, m.projection_dim)
-        return net
-
-    def build_loaders(self, data: RunData) -> dict[str, DataLoader]:
+    def loaders(self, data: RunData, stage: Stage) -> dict[str, DataLoader]:
         o, t = self.opts, self.cfg.train
         return {
-            "con": data.train_loader(
-                sampler=o.con_sampler,
-                batch_size=o.con_batch_size or t.batch_size,
-                views=o.con_views,
-                k_per_class=o.con_k_per_class,
-                total_epochs=t.epochs,
-            ),
+            "con": contrastive_loader(data, o, self.cfg),
             "cls": data.train_loader(
                 sampler=o.cls_sampler,
                 batch_size=o.cls_batch_size or t.batch_size,
-                views=o.cls_view,
+                transforms=o.cls_transform,
                 total_epochs=t.epochs,
             ),
         }
 
-    def on_epoch_start(self, model: Network, epoch: int) -> dict[str, float]:
+    def on_epoch_start(self, epoch: int) -> None:
         o = self.opts
         self.alpha = curriculum_alpha(o.curriculum, epoch, self.cfg.train.epochs, o.alpha)
-        return {"alpha": self.alpha}
 
-    def feature_loss(self, model: Network, views: list[Tensor], y: Tensor) -> Tensor:
-        """The feature branch's loss on all views of a batch, stacked view after view."""
-        o = self.opts
-        labels = y.repeat(len(views))
-        h = model.backbone(torch.cat(views))
-        if o.loss == "ce":
-            return F.cross_entropy(model.aux_classifier(h), labels)
-        z = model.projector(h).float()
-        if o.loss == "sc":
-            return sup_con_loss(z, labels, o.temperature, block_size=o.block_size)
-        protos = model.prototypes().float()
-        if o.loss == "psc":
-            return psc_loss(z, labels, protos[:, 0], o.temperature)
-        return mpsc_loss(z, labels, protos, o.temperature)
-
-    def forwarded_branches(self) -> set[str] | None:
-        return {k for k, on in (("con", self.alpha > 0), ("cls", self.alpha < 1)) if on}
-
-    def step(self, model: Network, batches: dict[str, Any], epoch: int) -> dict[str, Tensor]:
-        views, y_con, _ = batches["con"]
-        x_cls, y_cls, _ = batches["cls"]
+    def training_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
-        loss = torch.zeros((), device=y_cls.device)
+        loss = torch.zeros((), device=next(self.parameters()).device)
         # A branch whose weight is exactly zero is skipped: it could not change the weights.
         if self.alpha > 0:
-            terms["con"] = self.feature_loss(model, list(views), y_con)
+            views, y, _ = batches["con"]
+            h = self.backbone(torch.cat(views))  # views stacked view after view
+            terms["con"] = self.features(h, y.repeat(len(views)))
             loss = loss + self.alpha * terms["con"]
         if self.alpha < 1:
-            terms["ce"] = F.cross_entropy(model(x_cls), y_cls)
+            x, y, _ = batches["cls"]
+            terms["ce"] = F.cross_entropy(self.classifier(self.backbone(x)), y)
             loss = loss + (1 - self.alpha) * terms["ce"]
         terms["loss"] = loss
         return terms
 
-    def state_dict(self) -> dict[str, Any]:
+    def scalars(self) -> dict[str, float]:
         return {"alpha": self.alpha}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alpha = float(state.get("alpha", self.alpha))
 
-
-_Loss = Literal["sc", "psc", "mpsc", "ce"]
-
-
-class HybridPSCOptions(HybridOptions):
-    loss: _Loss = "psc"
-
-
-class HybridMPSCOptions(HybridOptions):
-    loss: _Loss = "mpsc"
-    num_prototypes: int = Field(2, ge=1)
-
-
-class CECEOptions(HybridOptions):
-    loss: _Loss = "ce"
-
-
-@METHODS.register("hybrid-sc")
-class HybridSC(Hybrid):
-    """Hybrid network with the supervised contrastive loss."""
-
-    name = "hybrid-sc"
-
-
-@METHODS.register("hybrid-psc")
-class HybridPSC(Hybrid):
-    """Hybrid network with the prototypical supervised contrastive loss."""
-
-    name = "hybrid-psc"
-    Options = HybridPSCOptions
-
-
-@METHODS.register("hybrid-mpsc")
-class HybridMPSC(Hybrid):
-    """Hybrid network with M prototypes per class (MPSC; M = 1 is PSC)."""
-
-    name = "hybrid-mpsc"
-    Options = HybridMPSCOptions
-
-
-@METHODS.register("ce-ce")
-class CECE(Hybrid):
-    """Ablation: cross-entropy in both branches (the paper's Table 4)."""
-
-    name = "ce-ce"
-    Options = CECEOptions
+register_method(
+    "hybrid-sc",
+    Hybrid,
+    description="Hybrid network with the supervised contrastive (SC) feature loss",
+    paper=PAPER,
+    defaults={"loss": "sc"},
+)
+register_method(
+    "hybrid-psc",
+    Hybrid,
+    description="Hybrid network with the prototypical supervised contrastive (PSC) loss",
+    paper=PAPER,
+    defaults={"loss": "psc"},
+)
+register_method(
+    "hybrid-mpsc",
+    Hybrid,
+    description="Hybrid network with M prototypes per class (MPSC; M = 1 is PSC)",
+    paper=PAPER,
+    defaults={"loss": "mpsc", "num_prototypes": 2},
+)
+register_method(
+    "ce-ce",
+    Hybrid,
+    description="Ablation: cross-entropy in both branches (the hybrid paper's Table 4)",
+    paper=PAPER,
+    defaults={"loss": "ce"},
+)

@@ -1,6 +1,6 @@
 """Backbones (feature extractors) and heads (classifiers, projection, prototypes)."""
 
-from longtail.models.backbones import BACKBONES, ConvNetTiny, build_backbone
+from longtail.models.backbones import BACKBONES, ConvNetTiny, TorchvisionResNet, build_backbone
 from longtail.models.heads import (
     CLASSIFIERS,
     CosineClassifier,
@@ -20,6 +20,7 @@ __all__ = [
     "ProjectionMLP",
     "PrototypeBank",
     "ResNetCifar",
+    "TorchvisionResNet",
     "build_backbone",
     "build_classifier",
 ]

@@ -1,8 +1,10 @@
-"""Backbone registry: name -> builder returning a feature extractor.
+"""Backbone registry: name -> builder of a feature extractor.
 
-Every builder takes ``in_channels`` (plus optional keyword arguments) and returns an
-``nn.Module`` with an int attribute ``feature_dim`` whose ``forward(x)`` gives
-``(N, feature_dim)`` features. Classifiers are separate (see :mod:`longtail.models.heads`).
+Every backbone is an ``nn.Module`` with an int attribute ``feature_dim`` and three methods:
+``forward_features(x)`` gives the last feature map ``(N, feature_dim, h, w)`` (what patch- or
+region-level methods such as DSCL's PBSD pool from), ``forward_head(f)`` pools that map to
+``(N, feature_dim)``, and ``forward(x)`` is the two in a row. Classifiers are separate
+(:mod:`longtail.models.heads`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from longtail.models.resnet_cifar import ResNetCifar
 from longtail.registry import Registry
@@ -31,10 +34,10 @@ def build_backbone(name: str, in_channels: int = 3, **kw: Any) -> nn.Module:
         **kw: Passed to the builder (e.g. ``widths`` for the CIFAR ResNets).
 
     Returns:
-        A module with ``feature_dim`` mapping images to ``(N, feature_dim)`` features.
+        A module with ``feature_dim``, ``forward_features`` and ``forward_head``.
 
     Raises:
-        UsageError: If ``name`` is not registered.
+        ValueError: If ``name`` is not registered.
     """
     return BACKBONES.get(name)(in_channels=in_channels, **kw)
 
@@ -51,37 +54,66 @@ for _depth in (20, 32, 44, 56, 110):
     _register_cifar_resnet(_depth)
 
 
-def _torchvision_features(arch: str, in_channels: int, **kw: Any) -> nn.Module:
-    """A randomly initialised torchvision ResNet(-like) with its ``fc`` turned into a no-op."""
-    # weights=None: never download; this library trains from scratch.
-    model = getattr(torchvision.models, arch)(weights=None, **kw)
-    feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    if in_channels != 3:
-        old = model.conv1
-        model.conv1 = nn.Conv2d(
-            in_channels,
-            old.out_channels,
-            kernel_size=old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            bias=False,
-        )
-        # Same init torchvision gives its own convs, so the stem is not the odd one out.
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    model.feature_dim = feature_dim
-    return model
+# torchvision's architectures by name: block, blocks per stage, extra ResNet arguments.
+_TORCHVISION_ARCHS: dict[str, tuple[type[nn.Module], list[int], dict[str, int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], {}),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], {}),
+    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}),
+}
+
+
+class TorchvisionResNet(torchvision.models.ResNet):
+    """A randomly initialised torchvision ResNet(-like) whose ``fc`` is a no-op.
+
+    It is torchvision's own module (same layers, names and initialisation), so its weights
+    load into ``torchvision.models.<arch>`` and back; only the stem changes for grey images.
+
+    Args:
+        arch: resnet18, resnet50 or resnext50_32x4d.
+        in_channels: Image channels.
+        **kw: Passed to ``torchvision.models.ResNet``.
+    """
+
+    def __init__(self, arch: str, in_channels: int = 3, **kw: Any) -> None:
+        block, layers, defaults = _TORCHVISION_ARCHS[arch]
+        super().__init__(block, layers, **{**defaults, **kw})  # type: ignore[arg-type]
+        self.feature_dim: int = self.fc.in_features
+        self.fc = nn.Identity()
+        if in_channels != 3:
+            old = self.conv1
+            self.conv1 = nn.Conv2d(
+                in_channels,
+                old.out_channels,
+                kernel_size=old.kernel_size,
+                stride=old.stride,
+                padding=old.padding,
+                bias=False,
+            )
+            # Same init torchvision gives its own convs, so the stem is not the odd one out.
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's feature map (stride 32), before pooling."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Global average pooling of a feature map to ``(N, feature_dim)``."""
+        return torch.flatten(self.avgpool(features), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def _register_torchvision(name: str) -> None:
     def build(in_channels: int = 3, **kw: Any) -> nn.Module:
-        return _torchvision_features(name, in_channels, **kw)
+        return TorchvisionResNet(name, in_channels, **kw)
 
     build.__doc__ = f"torchvision {name} (random init, fc removed)."
     BACKBONES.register(name)(build)
 
 
-for _arch in ("resnet18", "resnet50", "resnext50_32x4d"):
+for _arch in _TORCHVISION_ARCHS:
     _register_torchvision(_arch)
 
 
@@ -108,11 +140,17 @@ class ConvNetTiny(nn.Module):
             nn.Conv2d(32, feature_dim, 3, padding=1, bias=False),
             nn.BatchNorm2d(feature_dim),
             nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
         )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return torch.flatten(self.pool(features), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.flatten(self.features(x), 1)
+        return self.forward_head(self.forward_features(x))
 
 
 @BACKBONES.register("convnet-tiny")

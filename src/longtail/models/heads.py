@@ -29,7 +29,7 @@ def build_classifier(name: str, in_dim: int, num_classes: int, **kw: Any) -> nn.
         A module mapping ``(N, in_dim)`` features to ``(N, num_classes)`` logits.
 
     Raises:
-        UsageError: If ``name`` is not registered.
+        ValueError: If ``name`` is not registered.
     """
     return CLASSIFIERS.get(name)(in_dim, num_classes, **kw)
 

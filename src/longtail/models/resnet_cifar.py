@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longtail.errors import UsageError
-
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     # No bias: every conv is followed by BatchNorm, whose shift makes a bias redundant.
@@ -77,7 +75,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet feature extractor (no classifier); returns pooled ``(N, widths[-1])`` features.
+    """CIFAR ResNet feature extractor (no classifier).
+
+    ``forward_features`` gives the last stage's map ``(N, widths[-1], H/4, W/4)``,
+    ``forward_head`` pools it to ``(N, widths[-1])``; ``forward`` does both.
 
     Args:
         depth: Total depth ``6n + 2`` (20, 32, 44, 56, 110, ...).
@@ -85,7 +86,7 @@ class ResNetCifar(nn.Module):
         widths: Channels of the three stages; the stem uses ``widths[0]``.
 
     Raises:
-        UsageError: If ``depth`` is not ``6n + 2`` with ``n >= 1`` or ``widths`` is not three
+        ValueError: If ``depth`` is not ``6n + 2`` with ``n >= 1`` or ``widths`` is not three
             non-decreasing positive ints (option-A shortcuts can only add channels).
     """
 
@@ -94,12 +95,12 @@ class ResNetCifar(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise UsageError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
         widths = tuple(int(w) for w in widths)
         if len(widths) != 3 or min(widths) < 1 or list(widths) != sorted(widths):
-            raise UsageError(f"CIFAR ResNet widths must be 3 non-decreasing ints, got {widths}")
+            raise ValueError(f"CIFAR ResNet widths must be 3 non-decreasing ints, got {widths}")
         if in_channels < 1:
-            raise UsageError(f"in_channels must be positive, got {in_channels}")
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
         blocks_per_stage = (depth - 2) // 6
         self.depth = depth
         self.widths = widths
@@ -129,7 +130,14 @@ class ResNetCifar(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's feature map, before pooling."""
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.pool(x), 1)
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Global average pooling of a feature map to ``(N, feature_dim)``."""
+        return torch.flatten(self.pool(features), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

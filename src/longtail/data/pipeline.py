@@ -1,7 +1,7 @@
 """The data of one run: the long-tailed training set, the evaluation splits, and loaders.
 
-Methods ask this object for the loaders their branches need (sampler, batch size, views);
-it knows nothing of any method.
+Methods ask a :class:`RunData` for the loaders their branches need (sampler, batch size,
+augmentation presets); it knows nothing of any method.
 """
 
 from __future__ import annotations
@@ -15,25 +15,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from longtail.config import DataConfig
-from longtail.data import (
-    KPerClassBatchSampler,
-    LTDataset,
-    MultiView,
-    Source,
-    build_sampler,
-    build_view,
-    check_counts,
-    class_counts,
-    load_source,
-    long_tail_indices,
-)
+from longtail.data.dataset import LTDataset
+from longtail.data.imbalance import class_counts, long_tail_indices
+from longtail.data.samplers import KPerClassBatchSampler, build_sampler
+from longtail.data.sources import Source, load_source
+from longtail.data.transforms import MultiView, build_transform
 from longtail.errors import DataError
-from longtail.evaluation.metrics import shot_groups
 
 
 @dataclass
 class RunData:
-    """Training indices, counts and sources of one run, plus loader factories."""
+    """Training indices, counts and sources of one run, plus loader factories.
+
+    Attributes:
+        cfg: The config's data section.
+        train_source: The whole training split as stored.
+        train_indices: The long-tailed subset of ``train_source`` that is trained on.
+        test_source: The test split (None when not loaded).
+        val_source: The validation split (None unless ``cfg.val_split``).
+        seed: Seed of the samplers (the run's seed).
+        pin_memory: Pin loader memory (for CUDA).
+    """
 
     cfg: DataConfig
     train_source: Source
@@ -41,13 +43,12 @@ class RunData:
     test_source: Source | None
     val_source: Source | None
     seed: int = 0
-    rank: int = 0
-    world_size: int = 1
     pin_memory: bool = False
-    _views: dict[str, Any] = field(default_factory=dict, repr=False)
+    _transforms: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
+        """Read the splits ``cfg`` names and draw the long-tailed training subset."""
         options: dict[str, Any] = {"files": cfg.files} if cfg.files else {}
         train = load_source(cfg.dataset, cfg.root, "train", **options)
         if cfg.ratio is None and cfg.n_max is None:
@@ -56,8 +57,6 @@ class RunData:
             indices = long_tail_indices(
                 train.targets, cfg.ratio or 1.0, cfg.profile, seed=cfg.seed, n_max=cfg.n_max
             )
-        counts = class_counts(train.targets[indices], train.num_classes)
-        check_counts(counts, train.classes)
         if cfg.dataset in ("list", "json"):  # a split's file may lack the last classes
             options["num_classes"] = train.num_classes
         test = load_source(cfg.dataset, cfg.root, "test", **options) if need_test else None
@@ -78,6 +77,10 @@ class RunData:
         return self.train_source.num_classes
 
     @property
+    def classes(self) -> list[str]:
+        return self.train_source.classes
+
+    @property
     def channels(self) -> int:
         return self.train_source.channels
 
@@ -87,71 +90,71 @@ class RunData:
 
     @property
     def counts(self) -> np.ndarray:
+        """Training images per class, in label order."""
         return class_counts(self.train_labels, self.num_classes)
-
-    @property
-    def groups(self) -> dict[str, list[int]]:
-        return shot_groups(self.counts.tolist())
 
     def __len__(self) -> int:
         return len(self.train_indices)
 
     # -- loaders ----------------------------------------------------------------------
-    def view(self, name: str) -> Any:
-        if name not in self._views:
+    def transform(self, name: str) -> Any:
+        """The augmentation preset ``name`` at this run's image size and statistics."""
+        if name not in self._transforms:
             src = self.train_source
-            self._views[name] = build_view(
+            self._transforms[name] = build_transform(
                 name, self.cfg.image_size, src.channels, src.mean, src.std
             )
-        return self._views[name]
+        return self._transforms[name]
 
     def train_loader(
         self,
         *,
         sampler: str,
         batch_size: int,
-        views: str | Sequence[str],
+        transforms: str | Sequence[str],
         k_per_class: int | None = None,
         **sampler_options: Any,
     ) -> DataLoader:
-        """A training loader; ``views`` as a list gives a list of augmented views per image.
+        """A training loader; ``transforms`` as a list gives a list of views per image.
 
         Args:
             sampler: Sampler name (instance, class-balanced, ...); ignored when
                 ``k_per_class`` is set, which draws ``batch_size // k`` classes with k
                 images each.
-            batch_size: Images per step (per process).
-            views: One augmentation recipe name, or several for a multi-view batch.
+            batch_size: Images per step.
+            transforms: One augmentation preset, or several for a multi-view batch.
             k_per_class: Build batches of k same-class images per sampled class.
             **sampler_options: Passed to the sampler (e.g. ``total_epochs``).
         """
         transform = (
-            self.view(views) if isinstance(views, str) else MultiView([self.view(v) for v in views])
+            self.transform(transforms)
+            if isinstance(transforms, str)
+            else MultiView([self.transform(t) for t in transforms])
         )
         dataset = LTDataset(self.train_source, self.train_indices, transform)
         labels = self.train_labels
-        common = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size}
         if len(labels) < batch_size:
             raise DataError(
                 f"the training set has {len(labels)} images, fewer than one batch of "
-                f"{batch_size}; lower train.batch_size"
+                f"{batch_size}; lower the batch size"
             )
         if k_per_class:
-            batches = KPerClassBatchSampler(labels, batch_size, k_per_class, **common)
+            batches = KPerClassBatchSampler(labels, batch_size, k_per_class, seed=self.seed)
             return self._loader(dataset, batch_sampler=batches)
-        s = build_sampler(sampler, labels, **common, **sampler_options)
+        s = build_sampler(sampler, labels, seed=self.seed, **sampler_options)
         return self._loader(dataset, sampler=s, batch_size=batch_size, drop_last=True)
 
     def eval_loader(
-        self, split: str = "test", batch_size: int = 256, view: str = "test"
+        self, split: str = "test", batch_size: int = 256, transform: str = "test"
     ) -> DataLoader:
+        """Every image of ``split`` once, in order (``train``: the long-tailed subset)."""
         source = {"test": self.test_source, "val": self.val_source, "train": self.train_source}[
             split
         ]
         if source is None:
             raise DataError(f"{self.cfg.dataset} has no {split!r} split loaded for evaluation")
         indices = self.train_indices if split == "train" else None
-        dataset = LTDataset(source, indices, self.view(view))
+        dataset = LTDataset(source, indices, self.transform(transform))
         return self._loader(dataset, batch_size=batch_size, shuffle=False)
 
     def _loader(self, dataset: LTDataset, **kw: Any) -> DataLoader:
@@ -163,6 +166,12 @@ class RunData:
             persistent_workers=workers > 0,
             **kw,
         )
+
+
+def loader_sampler(loader: DataLoader) -> Any:
+    """The object that orders a loader's epoch: its batch sampler or its sampler."""
+    bs = loader.batch_sampler
+    return bs if hasattr(bs, "set_epoch") else loader.sampler
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

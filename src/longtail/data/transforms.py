@@ -1,7 +1,9 @@
-"""Augmentation recipes ("views") built with torchvision.transforms.v2.
+"""Augmentation presets built with torchvision.transforms.v2.
 
-Every pipeline starts with ``ToImage`` (so it accepts PIL images and uint8 (C, H, W) tensors)
-and ends with float conversion to [0, 1] and per-channel normalisation.
+Every preset starts with ``ToImage`` (so it accepts PIL images and uint8 (C, H, W) tensors)
+and ends with float conversion to [0, 1] and per-channel normalisation. "View" is kept for
+what contrastive methods mean by it: one of several augmented copies of the same image
+(:class:`MultiView`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from longtail.errors import UsageError
 from longtail.registry import Registry
 
 # Images up to this side get the CIFAR-style treatment (pad-and-crop, no centre crop margin).
@@ -20,8 +21,8 @@ SMALL_MAX = 64
 # Evaluation resize for large images: the usual 224 / 256 centre-crop fraction.
 CROP_FRACTION = 0.875
 
-ViewBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
-VIEWS: Registry[ViewBuilder] = Registry("view")
+TransformBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
+TRANSFORMS: Registry[TransformBuilder] = Registry("transform")
 
 
 def _wrap(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -55,50 +56,50 @@ def _resized_crop_flip(size: int) -> list[Any]:
     return [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
 
 
-@VIEWS.register("test")
+@TRANSFORMS.register("test")
 def _test(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     if size <= SMALL_MAX:
         return _wrap([v2.Resize(size), v2.CenterCrop(size)], mean, std)
     return _wrap([v2.Resize(int(size / CROP_FRACTION)), v2.CenterCrop(size)], mean, std)
 
 
-@VIEWS.register("crop-flip")
+@TRANSFORMS.register("crop-flip")
 def _cf(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size), mean, std)
 
 
-@VIEWS.register("hybrid")
+@TRANSFORMS.register("hybrid")
 def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size) + _grayscale(channels), mean, std)
 
 
-@VIEWS.register("hybrid-jitter")
+@TRANSFORMS.register("hybrid-jitter")
 def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
 
 
-@VIEWS.register("imagenet")
+@TRANSFORMS.register("imagenet")
 def _inet(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_resized_crop_flip(size), mean, std)
 
 
-@VIEWS.register("imagenet-hybrid")
+@TRANSFORMS.register("imagenet-hybrid")
 def _ih(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_resized_crop_flip(size) + _grayscale(channels), mean, std)
 
 
-@VIEWS.register("imagenet-hybrid-jitter")
+@TRANSFORMS.register("imagenet-hybrid-jitter")
 def _ihj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_resized_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
 
 
-def build_view(
+def build_transform(
     name: str, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[Any], torch.Tensor]:
-    """Build a registered augmentation pipeline.
+    """Build a registered augmentation preset.
 
     Args:
-        name: One of ``VIEWS.names()``.
+        name: One of ``TRANSFORMS.names()``.
         image_size: Side of the square output.
         channels: 1 or 3; must match the images and ``mean``/``std``.
         mean: Per-channel normalisation mean in [0, 1] units.
@@ -107,19 +108,18 @@ def build_view(
     Returns:
         A callable mapping a PIL image or uint8 tensor to a normalised float tensor.
     """
-    builder = VIEWS.get(name)
+    builder = TRANSFORMS.get(name)
     if channels not in (1, 3):
-        raise UsageError(f"channels must be 1 or 3; got {channels}")
+        raise ValueError(f"channels must be 1 or 3; got {channels}")
     if len(mean) != channels or len(std) != channels:
-        raise UsageError(f"mean and std need {channels} value(s); got {mean} and {std}")
+        raise ValueError(f"mean and std need {channels} value(s); got {mean} and {std}")
     if image_size < 1:
-        raise UsageError(f"image size must be >= 1; got {image_size}")
+        raise ValueError(f"image size must be >= 1; got {image_size}")
     return builder(int(image_size), channels, mean, std)
 
 
 class MultiView:
-    """Apply several transforms to the same image, e.g. two augmented views for contrastive
-    learning.
+    """Several augmented views of the same image, e.g. the two views of contrastive learning.
 
     Args:
         transforms: One transform per view.

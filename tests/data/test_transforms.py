@@ -3,8 +3,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from longtail.data.views import VIEWS, MultiView, build_view
-from longtail.errors import UsageError
+from longtail.data.transforms import TRANSFORMS, MultiView, build_transform
 
 RECIPES = [
     "crop-flip",
@@ -24,9 +23,9 @@ def _steps(view):
 
 
 def test_registry():
-    assert VIEWS.names() == RECIPES
-    with pytest.raises(UsageError, match="unknown view 'simclr'; valid: crop-flip"):
-        build_view("simclr", 32, 3, *RGB)
+    assert TRANSFORMS.names() == RECIPES
+    with pytest.raises(ValueError, match="unknown transform 'simclr'; valid: crop-flip"):
+        build_transform("simclr", 32, 3, *RGB)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -40,7 +39,7 @@ def test_registry():
     ],
 )
 def test_output_shape_and_dtype(name, channels, stats, image):
-    view = build_view(name, 28 if channels == 1 else 32, channels, *stats)
+    view = build_transform(name, 28 if channels == 1 else 32, channels, *stats)
     steps = _steps(view)
     assert steps[0] == "ToImage" and steps[-2:] == ["ToDtype", "Normalize"]
     out = view(image)
@@ -51,7 +50,7 @@ def test_output_shape_and_dtype(name, channels, stats, image):
 def test_normalisation_and_test_view_is_deterministic():
     mean, std = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
     image = torch.tensor([51, 102, 153], dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32)
-    view = build_view("test", 32, 3, mean, std)
+    view = build_transform("test", 32, 3, mean, std)
     out = view(image)
     assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
     noisy = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
@@ -63,7 +62,7 @@ def test_normalisation_and_test_view_is_deterministic():
 
 
 def test_large_test_view_resizes_then_centre_crops():
-    view = build_view("test", 224, 3, *RGB)
+    view = build_transform("test", 224, 3, *RGB)
     steps = view.transforms
     assert isinstance(steps[1], v2.Resize) and steps[1].size == [256]
     assert isinstance(steps[2], v2.CenterCrop)
@@ -71,11 +70,11 @@ def test_large_test_view_resizes_then_centre_crops():
 
 
 def test_grey_recipes_skip_colour_only_ops():
-    grey = build_view("imagenet-hybrid-jitter", 28, 1, *GREY)
+    grey = build_transform("imagenet-hybrid-jitter", 28, 1, *GREY)
     assert "RandomGrayscale" not in _steps(grey)
     jitter = next(t for t in grey.transforms if isinstance(t, v2.RandomApply)).transforms[0]
     assert jitter.saturation is None and jitter.hue is None and jitter.brightness is not None
-    rgb = build_view("hybrid-jitter", 32, 3, *RGB)
+    rgb = build_transform("hybrid-jitter", 32, 3, *RGB)
     assert "RandomGrayscale" in _steps(rgb)
     jitter = next(t for t in rgb.transforms if isinstance(t, v2.RandomApply)).transforms[0]
     assert jitter.hue is not None
@@ -83,21 +82,21 @@ def test_grey_recipes_skip_colour_only_ops():
 
 def test_augmentations_are_random():
     torch.manual_seed(0)
-    view = build_view("hybrid-jitter", 32, 3, *RGB)
+    view = build_transform("hybrid-jitter", 32, 3, *RGB)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     outs = [view(image) for _ in range(4)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_bad_arguments():
-    with pytest.raises(UsageError, match="mean and std need 3"):
-        build_view("test", 32, 3, *GREY)
-    with pytest.raises(UsageError, match="channels must be 1 or 3"):
-        build_view("test", 32, 2, (0.5, 0.5), (0.5, 0.5))
+    with pytest.raises(ValueError, match="mean and std need 3"):
+        build_transform("test", 32, 3, *GREY)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        build_transform("test", 32, 2, (0.5, 0.5), (0.5, 0.5))
 
 
 def test_multiview():
-    mv = MultiView([build_view("hybrid", 32, 3, *RGB), build_view("test", 32, 3, *RGB)])
+    mv = MultiView([build_transform("hybrid", 32, 3, *RGB), build_transform("test", 32, 3, *RGB)])
     outs = mv(Image.new("RGB", (32, 32), (1, 2, 3)))
     assert len(mv) == 2 and isinstance(outs, list) and len(outs) == 2
     assert all(o.shape == (3, 32, 32) for o in outs)

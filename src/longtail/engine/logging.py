@@ -1,0 +1,93 @@
+"""What a run reports while it trains: metrics.jsonl, TensorBoard, and a progress line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+#: Keys of an epoch record that the engine writes itself; a method's scalars must not use them.
+RESERVED_KEYS = frozenset(
+    {"epoch", "epochs", "stage", "lr", "epoch_time_s", "images_per_s", "steps"}
+)
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors it to TensorBoard."""
+
+    def __init__(self, out: Path, tensorboard: bool = True) -> None:
+        self.path = out / "metrics.jsonl"
+        self.tb = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch" and v is not None:
+                    self.tb.add_scalar(k, v, record["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One line per epoch: epoch, lr, the method's scalars, loss terms, accuracies, speed."""
+    parts = [f"epoch {record['epoch']}/{record['epochs']}", f"lr {record['lr']:.4g}"]
+    for k, v in record.items():
+        if k in RESERVED_KEYS or "/" in k or not isinstance(v, (int, float)):
+            continue
+        parts.append(f"{k} {v:.4g}")
+    for k, v in record.items():
+        if k.startswith("train/"):
+            parts.append(f"{k.removeprefix('train/')} {v:.4f}")
+    for k in ("val/top1", "test/top1"):
+        if k in record:
+            parts.append(f"{k} {record[k]:.4f}")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    return "  ".join(parts)
+
+
+class ProgressBar:
+    """A rich progress bar on a terminal; one plain line per epoch otherwise."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar: Progress | None = None
+        if self.enabled:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=True,
+            )
+            self.bar.start()
+        self.task: Any = None
+
+    def start_epoch(self, epoch: int, total_epochs: int, steps: int) -> None:
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"epoch {epoch}/{total_epochs}", total=steps, info="")
+
+    def advance(self, info: str) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def end_epoch(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

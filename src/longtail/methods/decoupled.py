@@ -1,0 +1,65 @@
+"""The classifier stage of decoupled training: a classifier learned on frozen features.
+
+Shared by every method that learns its representation first and its classifier afterwards
+(two-stage SC here; cRT, LWS and DSCL build on it). Everything but the classifier is frozen,
+BatchNorm statistics included, and the classifier is trained with cross-entropy on batches
+from its own (by default class-balanced) sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from longtail.data import RunData
+from longtail.methods.base import Batches, Method, Stage
+from longtail.methods.contrastive import SamplerName, TransformName
+
+
+class ClassifierStageOptions(BaseModel):
+    """Options of the classifier stage (mixed into a method's options)."""
+
+    classifier_epochs: int = Field(30, ge=1)  # the last epochs of train.epochs
+    classifier_lr: float = Field(0.1, gt=0)  # peak lr of the stage (cosine decay, no warm-up)
+    classifier_weight_decay: float = Field(5e-4, ge=0)
+    classifier_sampler: SamplerName = "class-balanced"
+    classifier_batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
+    classifier_transform: TransformName = "hybrid"
+
+
+def classifier_stage(method: Method, opts: ClassifierStageOptions) -> Stage:
+    """The stage that trains ``method.classifier`` on ``method.backbone``'s frozen features."""
+
+    def start() -> None:
+        method.freeze(*(m for name, m in method.named_children() if name != "classifier"))
+
+    def loaders(data: RunData) -> dict[str, DataLoader]:
+        t = method.cfg.train
+        return {
+            "cls": data.train_loader(
+                sampler=opts.classifier_sampler,
+                batch_size=opts.classifier_batch_size or t.batch_size,
+                transforms=opts.classifier_transform,
+                total_epochs=t.epochs,
+            )
+        }
+
+    def step(batches: Batches, epoch: int) -> dict[str, Tensor]:
+        x, y, _ = batches["cls"]
+        with torch.no_grad():
+            h = method.backbone(x)
+        ce = F.cross_entropy(method.classifier(h), y)
+        return {"loss": ce, "ce": ce}
+
+    optim = {
+        "lr": opts.classifier_lr,
+        "schedule": "cosine",
+        "warmup_epochs": 0.0,
+        "weight_decay": opts.classifier_weight_decay,
+    }
+    return Stage(
+        "classifier", opts.classifier_epochs, optim, start=start, loaders=loaders, step=step
+    )

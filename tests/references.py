@@ -1,0 +1,42 @@
+"""Loop references of the losses, written straight from the papers' formulas (float64).
+
+Shared by the loss tests and the method contract tests, so that a method's loss terms are
+checked against code that shares nothing with the library's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sup_con_loop(z: torch.Tensor, labels: list[int], tau: float) -> torch.Tensor:
+    terms = []
+    n = len(labels)
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        log_den = torch.logsumexp(torch.stack([z[i] @ z[a] / tau for a in range(n) if a != i]), 0)
+        terms.append(-sum(z[i] @ z[p] / tau - log_den for p in positives) / len(positives))
+    return torch.stack(terms).mean()
+
+
+def psc_loop(z: torch.Tensor, labels: list[int], protos: torch.Tensor, tau: float) -> torch.Tensor:
+    terms = []
+    for i, y in enumerate(labels):
+        neg = torch.stack([z[i] @ protos[j] / tau for j in range(len(protos)) if j != y])
+        terms.append(-(z[i] @ protos[y] / tau - torch.logsumexp(neg, 0)))
+    return torch.stack(terms).mean()
+
+
+def mpsc_loop(z: torch.Tensor, labels: list[int], protos: torch.Tensor, tau: float):
+    n_classes, per_class, _ = protos.shape
+    terms = []
+    for i, y in enumerate(labels):
+        negatives = [(j, m) for j in range(n_classes) if j != y for m in range(per_class)]
+        neg = torch.stack([z[i] @ protos[j, m] / tau for j, m in negatives])
+        log_den = torch.logsumexp(neg, 0)
+        pos = torch.stack([z[i] @ protos[y, m] / tau for m in range(per_class)])
+        weights = torch.softmax(pos.detach(), 0)
+        terms.append(-sum(weights[m] * (pos[m] - log_den) for m in range(per_class)))
+    return torch.stack(terms).mean()
