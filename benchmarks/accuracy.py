@@ -58,8 +58,8 @@ def budget_config(
     name = method.get("name", cfg["method"]["name"])
     fields = METHODS.get(name).Options.model_fields
     cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
-    cfg["method"].update(method)
-    if cfg["method"]["name"] == "two-stage-sc":
+    cfg["method"].update(method, name=name)
+    if name == "two-stage-sc":
         # the same share of the budget as the 30-of-200 recipe, at least one epoch
         cfg["method"]["classifier_epochs"] = max(1, round(30 * scale))
     return deep_merge(cfg, extra)

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 from PIL import Image
+from torchvision.datasets.folder import make_dataset
 
 from longtail.errors import DataError
 from longtail.registry import Registry
@@ -464,32 +466,27 @@ def _fashion_mnist(root: Path | None, split: str, **options: Any) -> Source:
 # --- Image files -----------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _image_folder(root: Path, folder: Path, classes: list[str]) -> FileSource:
     """ImageFolder layout: ``folder/<class>/**/<image>``; paths are stored relative to root."""
-    paths: list[str] = []
-    targets: list[int] = []
-    for label, name in enumerate(classes):
-        cdir = folder / name
-        if not cdir.is_dir():
-            continue
-        for p in sorted(cdir.rglob("*")):
-            if _is_image(p):
-                paths.append(p.relative_to(root).as_posix())
-                targets.append(label)
-    if not paths:
+    # torchvision's own walk (the one ImageFolder uses), with our extensions, case-blind.
+    found = make_dataset(
+        str(folder),
+        {name: label for label, name in enumerate(classes)},
+        extensions=tuple(sorted(IMAGE_EXTENSIONS)),
+        allow_empty=True,
+    )
+    if not found:
         raise DataError(
             f"no images found in {folder}; expected {folder}/<class_name>/<image> files with "
             f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
-    return FileSource(root, paths, np.asarray(targets, dtype=np.int64), classes)
+    paths = [Path(p).relative_to(root).as_posix() for p, _ in found]
+    targets = np.asarray([label for _, label in found], dtype=np.int64)
+    return FileSource(root, paths, targets, classes)
 
 
 @DATASETS.register("folder")
@@ -680,8 +677,6 @@ def download(name: str, root: str | Path) -> Path:
     """
     if name not in _DOWNLOADERS:
         raise ValueError(f"cannot download {name!r}; downloadable: {', '.join(DOWNLOADABLE)}")
-    import torchvision.datasets as tvd  # only needed here
-
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     cls = getattr(tvd, _DOWNLOADERS[name])
