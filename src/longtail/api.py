@@ -9,6 +9,7 @@ checked before the directory is created.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, config_from_dict, dump_config
 from longtail.data import RunData
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
 from longtail.engine.trainer import (
-    CHECKPOINT_DIR,
     evaluate,
     fit,
     resolve_device,
@@ -63,13 +64,86 @@ def data_summary(cfg: Config, data: RunData) -> dict[str, Any]:
     }
 
 
-def _check_new_run_dir(out: Path) -> None:
-    """Refuse to overwrite an existing run."""
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(
-            f"run directory {out} already exists; pass --resume to continue it or choose "
-            "another --out"
+# Settings that may differ between the run that wrote a checkpoint and the one that reads it:
+# where the data lives and how this machine runs, not what is trained.
+MACHINE_KEYS = frozenset(
+    {
+        "data.root",
+        "data.files",
+        "data.num_workers",
+        "train.device",
+        "train.threads",
+        "train.log_every",
+        "train.eval_every",
+    }
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v and key not in MACHINE_KEYS:
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Method) -> None:
+    """Load the checkpoint's weights into ``method``, after checking that it comes from this
+    config and fits this method's modules."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise LongtailError(f"{path} is not a longtail checkpoint")
+    saved = ckpt.get("config")
+    if isinstance(saved, dict):
+        a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
+        differ = sorted(
+            k for k in a.keys() | b.keys() if k not in MACHINE_KEYS and a.get(k) != b.get(k)
         )
+        if differ:
+            k = differ[0]
+            raise LongtailError(
+                f"checkpoint {path} was written with another config: {k} is {a.get(k)!r} there "
+                f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
+            )
+    mismatch = _state_mismatch(method.state_dict(), ckpt["model"])
+    if mismatch:
+        raise LongtailError(
+            f"checkpoint {path} does not fit the model of config.yaml ({mismatch}); it was "
+            "written by another config"
+        )
+    method.load_state_dict(ckpt["model"])
+
+
+def _state_mismatch(expected: dict[str, Any], given: Any) -> str:
+    """What keeps ``given`` from loading as ``expected`` (a state dict), or ''."""
+    if not isinstance(given, dict):
+        return "it holds no weights"
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [
+        k
+        for k in expected
+        if k in given
+        and hasattr(given[k], "shape")
+        and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(keys)} {what} (first {keys[0]})"
+        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "of other shape"))
+        if keys
+    ]
+    return ", ".join(parts)
+
+
+def checkpoint_bytes(method: Method) -> int:
+    """About how large one checkpoint of ``method`` is: its state and SGD's momentum."""
+    state = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in method.parameters())
+    return state + momentum
 
 
 def train(
@@ -77,21 +151,23 @@ def train(
 ) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out`` and evaluate the last epoch on the test split.
 
-    With ``resume``, the run's own ``config.yaml`` is used and training continues from
-    ``checkpoints/last.pt``.
+    The config, the data and the model are checked before anything is written: a run that
+    fails before its first checkpoint leaves nothing that blocks the same command, and a
+    directory left by such a run is taken over. With ``resume``, the run's own
+    ``config.yaml`` is used and training continues from ``checkpoints/last.pt``.
 
     Returns:
         The test metrics of the last epoch (also written to ``eval_test.json``).
     """
-    out = Path(out)
-    last = out / CHECKPOINT_DIR / "last.pt"
+    run = RunDir(out)
+    run.check_path()
+    run.check_not_in_use()
     if resume:
-        if not last.is_file():
-            raise UsageError(f"--resume: no checkpoint at {last}; start the run without --resume")
-        cfg = read_run_config(out)
+        run.check_resumable()
+        cfg = read_run_config(run.path)
     else:
         cfg = validate(cfg)
-        _check_new_run_dir(out)
+        run.check_new()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = _device(cfg)
@@ -100,16 +176,28 @@ def train(
     data.pin_memory = device.type == "cuda"
     method = build_method(cfg, data, device)
 
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(last, map_location=device)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.yaml", dump_config(cfg).encode())
-        summary = json.dumps(data_summary(cfg, data), indent=1)
-        atomic_write_bytes(out / "data.json", summary.encode())
-    fit(method, data, cfg, out, device, ckpt=ckpt, progress=progress)
-    return evaluate_run(out, cfg=cfg, method=method, data=data, device=device)
+    with run.locked():
+        if resume:
+            run.remove_partial_writes()
+            ckpt = load_checkpoint(run.last, map_location=device)
+            check_checkpoint(ckpt, cfg, run.last, method)
+        else:
+            run.check_new()  # again, now that no other process can start it meanwhile
+            if run.clear_failed_start():
+                print(
+                    f"{run.path} held a run that stopped before its first checkpoint; "
+                    "starting it again",
+                    file=sys.stderr,
+                )
+            ckpt = None
+        copies = 3 if data.val_source is not None else 2  # last, best, one write in flight
+        run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
+        if ckpt is None:
+            atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
+            summary = json.dumps(data_summary(cfg, data), indent=1)
+            atomic_write_bytes(run.path / "data.json", summary.encode())
+        fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
+        return evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
 
 
 def evaluate_run(
@@ -138,8 +226,9 @@ def evaluate_run(
         )
     if method is None:
         method = build_method(cfg, data, device)
-        ckpt = load_checkpoint(out / CHECKPOINT_DIR / f"{checkpoint}.pt", map_location=device)
-        method.load_state_dict(ckpt["model"])
+        path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
+        ckpt = load_checkpoint(path, map_location=device)
+        check_checkpoint(ckpt, cfg, path, method)
         epoch = ckpt["epoch"] + 1
     else:
         epoch = sum(s.epochs for s in method.stages())

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from longtail.config import Config, format_validation_error
-from longtail.data import DATASETS, SAMPLERS, SPLITS, TRANSFORMS, RunData, check_counts
+from longtail.data import DATASETS, SAMPLERS, SPLITS, TRANSFORMS, RunData
 from longtail.errors import UsageError
 from longtail.methods import METHODS, Method, MethodOptions
 from longtail.models import BACKBONES, CLASSIFIERS
@@ -94,7 +94,7 @@ def build_data(cfg: Config, need_test: bool = True, check_classes: bool = True) 
     with config_key("data"):
         data = RunData.from_config(cfg.data, seed=cfg.seed, need_test=need_test)
     if check_classes:
-        check_counts(data.counts, data.classes)
+        data.check_classes()
     return data
 
 

@@ -29,9 +29,17 @@ from longtail.data import (
     load_source,
 )
 from longtail.data import download as download_dataset
+from longtail.engine.run_dir import RunDir
 from longtail.errors import DataError, LongtailError, UsageError
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
+
+
+class Interrupted(LongtailError):
+    """Ctrl-C (or SIGINT) during training; what was saved is kept."""
+
+    exit_code = 130
+
 
 app = typer.Typer(
     add_completion=False,
@@ -76,7 +84,18 @@ def train(
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
     cfg = load_config(config, overrides or [])
     out = out or _default_out(cfg.name)
-    res = run_training(cfg, out, resume=resume, progress=progress)
+    try:
+        res = run_training(cfg, out, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        if RunDir(out).started():
+            raise Interrupted(
+                f"interrupted; the last finished epoch is saved in {out}: continue with "
+                f"`longtail train --out {out} --resume`"
+            ) from None
+        raise Interrupted(
+            "interrupted before the first epoch finished; nothing to resume: run the same "
+            "command again"
+        ) from None
     groups = "  ".join(f"{g} {res[g]:.4f}" for g in ("many", "medium", "few") if res[g] is not None)
     print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
     print(f"run directory: {out}")
@@ -212,10 +231,7 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print(
-            "interrupted; the last finished epoch is saved (continue with --resume)",
-            file=sys.stderr,
-        )
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors arrive here in non-standalone mode
         if not isinstance(e, _click_exceptions()):

@@ -51,6 +51,7 @@ class ModelConfig(_Strict):
     classifier_options: dict[str, Any] = Field(default_factory=dict)
     projection_hidden: int = Field(512, ge=1)  # units in the projection MLP's hidden layer
     projection_dim: int = Field(128, ge=1)  # dimension of the contrastive embedding z
+    projection_bn: bool = False  # BatchNorm1d on the projection MLP's hidden layer
 
 
 class OptimConfig(_Strict):
@@ -89,6 +90,9 @@ class TrainConfig(_Strict):
     channels_last: bool = True  # NHWC memory format: +26% images/s for ResNet-32 on this CPU
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
     log_every: int = Field(50, ge=1)  # steps between progress updates
+    # A step whose loss terms are not finite: stop (keeping the last checkpoint), or skip it
+    # (no update; BatchNorm statistics restored) at the cost of a device sync per step.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
 class Config(_Strict):

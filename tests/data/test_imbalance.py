@@ -1,8 +1,7 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import FMNIST_ROOT
 from longtail.data.imbalance import (
     check_counts,
     class_counts,
@@ -11,7 +10,7 @@ from longtail.data.imbalance import (
 )
 from longtail.errors import DataError
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = FMNIST_ROOT
 
 
 @pytest.mark.parametrize(

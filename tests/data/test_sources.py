@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FMNIST_ROOT
 from longtail.data import sources
 from longtail.data.sources import (
     DATASETS,
@@ -22,7 +23,7 @@ from longtail.data.sources import (
 )
 from longtail.errors import DataError
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = FMNIST_ROOT
 
 
 def test_registered_names():
@@ -191,9 +192,11 @@ def test_default_root(monkeypatch, tmp_path):
     assert default_root("cifar10") == tmp_path / "cifar10"
     monkeypatch.delenv("LONGTAIL_DATA")
     assert default_root("cifar100") == Path.home() / ".cache" / "longtail" / "cifar100"
-    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_ROOT", tmp_path)
+    (tmp_path / "system" / "fashion-mnist").mkdir(parents=True)
+    monkeypatch.setenv("LONGTAIL_SYSTEM_DATA", str(tmp_path / "system"))
     monkeypatch.setenv("LONGTAIL_DATA", str(tmp_path / "empty"))
-    assert default_root("fashion-mnist") == tmp_path
+    assert default_root("fashion-mnist") == tmp_path / "system" / "fashion-mnist"
+    assert default_root("cifar10") == tmp_path / "empty" / "cifar10"  # no system copy
     with pytest.raises(ValueError):
         default_root("nope")
 

@@ -98,12 +98,17 @@ def class_counts(targets: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(targets, minlength=num_classes).astype(np.int64)
 
 
-def check_counts(counts: Sequence[int] | np.ndarray, classes: Sequence[str]) -> None:
+def check_counts(
+    counts: Sequence[int] | np.ndarray,
+    classes: Sequence[str],
+    fix: str = "lower the imbalance ratio or check the data",
+) -> None:
     """Raise DataError if some class has no training images.
 
     Args:
         counts: Training images per class.
         classes: Class names (same order).
+        fix: What to do about it, for the message.
     """
     empty = [i for i, n in enumerate(counts) if n <= 0]
     if not empty:
@@ -111,7 +116,4 @@ def check_counts(counts: Sequence[int] | np.ndarray, classes: Sequence[str]) -> 
     i = empty[0]
     name = classes[i] if i < len(classes) else str(i)
     more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-    raise DataError(
-        f"class {i} ({name!r}){more} has no training images; lower the imbalance ratio or "
-        "check the data"
-    )
+    raise DataError(f"class {i} ({name!r}){more} has no training images; {fix}")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from longtail.config import DataConfig
 from longtail.data.dataset import LTDataset
-from longtail.data.imbalance import class_counts, long_tail_indices
+from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, build_sampler
 from longtail.data.sources import Source, load_source
 from longtail.data.transforms import MultiView, build_transform
@@ -95,6 +95,24 @@ class RunData:
 
     def __len__(self) -> int:
         return len(self.train_indices)
+
+    def check_classes(self) -> None:
+        """Every class needs training images: raise DataError naming the first that has none."""
+        whole = class_counts(self.train_source.targets, self.num_classes)
+        elsewhere = np.zeros(self.num_classes, dtype=np.int64)
+        for other in (self.test_source, self.val_source):
+            if other is not None:
+                elsewhere += class_counts(other.targets, self.num_classes)
+        absent = whole == 0
+        check_counts(
+            np.where(absent & (elsewhere > 0), 0, 1),
+            self.classes,
+            fix="it has images only in other splits: add training images or remove the class",
+        )
+        check_counts(
+            whole, self.classes, fix="it has no images at all: add some or remove the class"
+        )
+        check_counts(self.counts, self.classes, fix="lower data.ratio or raise data.n_max")
 
     # -- loaders ----------------------------------------------------------------------
     def transform(self, name: str) -> Any:

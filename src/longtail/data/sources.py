@@ -7,6 +7,7 @@ the names users type (``cifar10``, ``fashion-mnist``, ``folder``, ...).
 
 from __future__ import annotations
 
+import abc
 import gzip
 import json
 import os
@@ -50,14 +51,15 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's dataset packages (dataset-fashion-mnist, ...) put their files.
+SYSTEM_DATA = "/usr/share/datasets"
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 )
 
 
-class Source:
+class Source(abc.ABC):
     """An indexable labelled image collection, without transforms.
 
     Attributes:
@@ -82,9 +84,9 @@ class Source:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
+    @abc.abstractmethod
     def load(self, i: int) -> Image.Image | torch.Tensor:
-        """Return image ``i`` (PIL image or uint8 (C, H, W) tensor); each source defines it."""
-        raise NotImplementedError(f"{type(self).__name__} does not define load()")
+        """Return image ``i`` (PIL image or uint8 (C, H, W) tensor)."""
 
     def __repr__(self) -> str:
         return (
@@ -190,10 +192,12 @@ class FileSource(Source):
         self._check()
 
     def load(self, i: int) -> Image.Image:
-        """Open image ``i`` as an RGB PIL image; unreadable files raise DataError."""
+        """Decode image ``i`` fully, as RGB; a missing, corrupt or truncated file raises
+        DataError naming it (PIL refuses truncated files unless told otherwise)."""
         path = self.root / self.paths[i]
         try:
             with Image.open(path) as im:
+                im.load()
                 return im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if isinstance(e, FileNotFoundError):
@@ -214,11 +218,18 @@ def _data_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "longtail"
 
 
+def system_root(name: str) -> Path:
+    """Where a system package would hold dataset ``name``: ``$LONGTAIL_SYSTEM_DATA/<name>``,
+    by default ``/usr/share/datasets/<name>`` (Debian's dataset-fashion-mnist)."""
+    return Path(os.environ.get("LONGTAIL_SYSTEM_DATA") or SYSTEM_DATA).expanduser() / name
+
+
 def default_root(name: str) -> Path:
     """Where dataset ``name`` is looked for when no root is given.
 
     ``$LONGTAIL_DATA/<name>`` if that variable is set, else ``~/.cache/longtail/<name>``;
-    Fashion-MNIST also falls back to the Debian package's folder when that exists.
+    when that folder does not exist, the system package's folder (:func:`system_root`) if
+    that one does.
 
     Args:
         name: A registered dataset name.
@@ -228,8 +239,8 @@ def default_root(name: str) -> Path:
     """
     DATASETS.get(name)  # an unknown name is a ValueError listing the valid ones
     root = _data_home() / name
-    if name == "fashion-mnist" and not root.exists() and FASHION_MNIST_SYSTEM_ROOT.is_dir():
-        return FASHION_MNIST_SYSTEM_ROOT
+    if not root.exists() and system_root(name).is_dir():
+        return system_root(name)
     return root
 
 
@@ -528,7 +539,11 @@ def _split_file(name: str, files: Any, split: str, root: Path | None) -> Path:
     _check_split(name, split, [s for s in SPLITS if s in files])
     path = _resolve_file(files[split], root)
     if not path.is_file():
-        raise DataError(f"{name} {split} file {path} does not exist; check the files option")
+        tried = f"{root / path} nor {path}" if root is not None and not path.is_absolute() else path
+        raise DataError(
+            f"the {split} file of dataset {name!r} does not exist (neither {tried}); "
+            "check data.files and data.root"
+        )
     return path
 
 
@@ -536,22 +551,27 @@ def _num_classes(labels: np.ndarray, given: int | None, declared: int | None, pa
     top = int(labels.max()) + 1 if len(labels) else 0
     k = given if given is not None else declared if declared is not None else top
     if top > k:
-        raise DataError(f"{path} has label {top - 1} but num_classes is {k}; fix num_classes")
+        whose = "the file's own" if given is None else "that of the train split"
+        raise DataError(
+            f"{path} has label {top - 1} but num_classes is {k} ({whose}); fix the label, or "
+            "add training images of that class"
+        )
     return int(k)
 
 
-def read_list_file(path: str | Path) -> tuple[list[str], np.ndarray]:
+def read_list_file(path: str | Path) -> tuple[list[str], np.ndarray, list[int]]:
     """Parse a ``relative/path label`` list file (ImageNet-LT / Places-LT style).
 
     Args:
         path: The text file.
 
     Returns:
-        The image paths and their integer labels.
+        The image paths, their integer labels and the line number of each.
     """
     path = Path(path)
     paths: list[str] = []
     labels: list[int] = []
+    lines: list[int] = []
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -571,7 +591,23 @@ def read_list_file(path: str | Path) -> tuple[list[str], np.ndarray]:
             ) from None
         paths.append(parts[0])
         labels.append(label)
-    return paths, np.asarray(labels, dtype=np.int64)
+        lines.append(lineno)
+    return paths, np.asarray(labels, dtype=np.int64), lines
+
+
+def _check_listed_files(root: Path, paths: Sequence[str], where: Callable[[int], str]) -> None:
+    """Every listed image must exist, once: fail before training, naming the entry."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        if p in first:
+            raise DataError(
+                f"{where(i)}: {p} is listed twice (also {where(first[p])}); remove one entry"
+            )
+        first[p] = i
+        if not (root / p).is_file():
+            raise DataError(
+                f"{where(i)}: image {p} not found under {root}; fix the entry or the data root"
+            )
 
 
 @DATASETS.register("list")
@@ -583,10 +619,11 @@ def _list(
     num_classes: int | None = None,
 ) -> Source:
     path = _split_file("list", files, split, root)
-    paths, labels = read_list_file(path)
+    paths, labels, lines = read_list_file(path)
     k = _num_classes(labels, num_classes, None, path)
-    classes = [str(i) for i in range(k)]
-    return FileSource(root if root is not None else path.parent, paths, labels, classes)
+    base = root if root is not None else path.parent
+    _check_listed_files(base, paths, lambda i: f"{path}:{lines[i]}")
+    return FileSource(base, paths, labels, [str(i) for i in range(k)])
 
 
 def read_json_annotations(path: str | Path) -> tuple[list[str], np.ndarray, int | None, dict]:
@@ -630,8 +667,9 @@ def _json(
     path = _split_file("json", files, split, root)
     paths, labels, declared, names = read_json_annotations(path)
     k = _num_classes(labels, num_classes, declared, path)
-    classes = [names.get(i, str(i)) for i in range(k)]
-    return FileSource(root if root is not None else path.parent, paths, labels, classes)
+    base = root if root is not None else path.parent
+    _check_listed_files(base, paths, lambda i: f"{path} annotation {i}")
+    return FileSource(base, paths, labels, [names.get(i, str(i)) for i in range(k)])
 
 
 def dataset_for_path(path: str | Path, root: str | Path | None = None) -> dict[str, Any]:

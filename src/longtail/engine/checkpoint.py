@@ -44,5 +44,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise LongtailError(f"checkpoint {path} does not exist; was the run trained to the end?")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise LongtailError(f"checkpoint {path} cannot be read ({type(e).__name__}): {e}") from None
+    except Exception as e:  # corrupt, truncated or foreign file
+        raise LongtailError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt, truncated "
+            "or not a longtail checkpoint"
+        ) from None

@@ -12,7 +12,17 @@ from torch.utils.tensorboard import SummaryWriter
 
 #: Keys of an epoch record that the engine writes itself; a method's scalars must not use them.
 RESERVED_KEYS = frozenset(
-    {"epoch", "epochs", "stage", "lr", "epoch_time_s", "images_per_s", "steps"}
+    {
+        "epoch",
+        "epochs",
+        "stage",
+        "lr",
+        "epoch_time_s",
+        "images_per_s",
+        "steps",
+        "skipped_steps",
+        "warnings",
+    }
 )
 
 

@@ -24,12 +24,12 @@ from longtail.config import Config, OptimConfig, TrainConfig
 from longtail.data import RunData, set_loader_epoch, to_device
 from longtail.engine.checkpoint import save_checkpoint
 from longtail.engine.logging import RESERVED_KEYS, MetricsLog, ProgressBar, format_record
+from longtail.engine.run_dir import CHECKPOINT_DIR
 from longtail.engine.schedules import learning_rate
 from longtail.errors import LongtailError
 from longtail.evaluation import evaluate_logits
 from longtail.methods import Method, Stage
 
-CHECKPOINT_DIR = "checkpoints"
 EVAL_KEYS = ("top1", "many", "medium", "few")
 
 
@@ -168,8 +168,9 @@ def train_one_epoch(
         else nullcontext()
     )
     guard = NonFiniteGuard()
+    skip = train_cfg.nonfinite == "skip"
     sums: dict[str, Tensor] = {}
-    images, lr, t0 = 0, float("nan"), time.perf_counter()
+    images, skipped, lr, t0 = 0, 0, float("nan"), time.perf_counter()
     for step, batch in enumerate(zip(*loaders.values(), strict=False)):
         lr = lr_at(step / steps)
         for g in optimizer.param_groups:
@@ -177,8 +178,17 @@ def train_one_epoch(
         batches = StepBatches(
             dict(zip(loaders, batch, strict=True)), device, train_cfg.channels_last
         )
+        saved = [b.detach().clone() for b in method.buffers()] if skip else []
         with amp:
             terms = method.training_step(batches, epoch)
+        images += batches.images_read()
+        if skip and not all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()):
+            with torch.no_grad():  # the forward pass moved BatchNorm statistics: undo that
+                for b, old in zip(method.buffers(), saved, strict=True):
+                    b.copy_(old)
+            skipped += 1
+            bar.advance("skipped a non-finite step")
+            continue
         guard.add(step, terms)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -186,18 +196,24 @@ def train_one_epoch(
         method.after_optimizer_step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
-        images += batches.images_read()
         if step % train_cfg.log_every == 0 or step == steps - 1:
             guard.check(epoch)
             bar.advance(f"loss {float(terms['loss'].detach()):.4f}")
         else:
             bar.advance("")
     guard.check(epoch)
+    if skipped == steps:
+        raise LongtailError(
+            f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; training "
+            "stopped and the last checkpoint is kept; lower optim.lr or check the data"
+        )
     elapsed = time.perf_counter() - t0
+    done = steps - skipped
     return {
         "lr": lr,
-        **{f"train/{k}": float(v) / steps for k, v in sums.items()},
+        **{f"train/{k}": float(v) / done for k, v in sums.items()},
         "steps": steps,
+        **({"skipped_steps": skipped} if skip else {}),
         "epoch_time_s": elapsed,
         "images_per_s": images / max(elapsed, 1e-9),
     }
@@ -241,6 +257,16 @@ def evaluate(
 def _restore(method: Method, ckpt: dict[str, Any]) -> None:
     method.load_state_dict(ckpt["model"])
     torch.set_rng_state(ckpt["torch_rng"].cpu())
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:
+        raise LongtailError(
+            f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept: free "
+            "some space (or fix the folder), then continue with --resume"
+        ) from None
 
 
 def fit(
@@ -313,6 +339,9 @@ def fit(
                 **scalars,
                 **stats,
             }
+            warnings = method.warnings()
+            if warnings:
+                record["warnings"] = warnings
             last = epoch == total_epochs - 1
             every = cfg.train.eval_every
             if data.test_source is not None and not last and every and (epoch + 1) % every == 0:
@@ -325,6 +354,7 @@ def fit(
                 "stage": idx,
                 "torch_rng": torch.get_rng_state(),
                 "best": best,
+                "config": cfg.model_dump(mode="json"),
             }
             if data.val_source is not None:
                 res, _, _ = evaluate(method, data, "val", device, cfg.train)
@@ -332,10 +362,12 @@ def fit(
                 if best is None or res["top1"] > best["top1"]:
                     best = {"epoch": epoch + 1, "top1": res["top1"]}
                     state["best"] = best
-                    save_checkpoint(state, out / CHECKPOINT_DIR / "best.pt")
-            save_checkpoint(state, out / CHECKPOINT_DIR / "last.pt")
+                    _save(state, out / CHECKPOINT_DIR / "best.pt")
+            _save(state, out / CHECKPOINT_DIR / "last.pt")
             log.write(record)
             bar.end_epoch(format_record(record))
+            for w in warnings:
+                bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
     finally:
         bar.close()
         log.close()

@@ -13,6 +13,7 @@ inside:
     after_optimizer_step()        momentum encoders, queues, centre updates
     predict(x)                    logits used for evaluation
     scalars()                     numbers to log each epoch, reported as they are
+    warnings()                    messages about the epoch (a loss stuck at chance, say)
 
 A method with several stages can give each :class:`Stage` its own ``start``, ``loaders`` and
 ``step``; the default hooks call them, so no method branches on a stage's name.
@@ -133,6 +134,11 @@ class Method(nn.Module):
     def scalars(self) -> dict[str, float]:
         """Numbers to log with the epoch (a curriculum weight, a margin, ...)."""
         return {}
+
+    def warnings(self) -> list[str]:
+        """Things about the epoch just trained that the user should look at (a loss that
+        learned nothing, say); printed and kept in metrics.jsonl."""
+        return []
 
     # -- inference ----------------------------------------------------------------------
     def predict(self, x: Tensor) -> Tensor:

@@ -8,8 +8,10 @@ trained with cross-entropy (the hybrid paper's CE-CE ablation).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
+import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -43,6 +45,68 @@ class ContrastiveOptions(MethodOptions):
     block_size: int | None = Field(1024, ge=1)  # SC anchors per block; None = direct N^2
 
 
+def effective_rank(z: Tensor) -> float:
+    """exp(entropy) of the normalised singular values of the centred rows of ``z``: about the
+    number of directions the embeddings spread over (0 when they all coincide)."""
+    s = torch.linalg.svdvals((z - z.mean(0)).float())
+    total = s.sum()
+    if float(total) <= 1e-6 * max(1, z.shape[0]):
+        return 0.0
+    p = s / total
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+class EmbeddingHealth:
+    """Cheap per-epoch signs that a contrastive branch is learning nothing.
+
+    A contrastive loss sits at its chance value, log(N - 1) for SC over N views or
+    log(C - 1) for PSC, exactly when every embedding scores the same against every target:
+    collapsed embeddings (mean pairwise cosine near 1) or untrained ones. The statistics stay
+    on the device until the epoch ends.
+    """
+
+    #: An epoch whose every step is this close to chance (relatively) gets a warning.
+    TOLERANCE = 0.01
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._cos: Tensor | None = None
+        self._dev: Tensor | None = None
+        self._last: Tensor | None = None
+        self._steps = 0
+        self.chance = float("nan")
+
+    def add(self, z: Tensor, loss: Tensor, chance: float) -> None:
+        z, n = z.detach(), z.shape[0]
+        total = z.sum(0)
+        cos = (total @ total - n) / (n * (n - 1))  # mean over pairs i != j of z_i . z_j
+        dev = (loss.detach() - chance).abs() / chance
+        self._cos = cos if self._cos is None else self._cos + cos
+        self._dev = dev if self._dev is None else torch.maximum(self._dev, dev)
+        self._last, self._steps, self.chance = z, self._steps + 1, chance
+
+    def scalars(self) -> dict[str, float]:
+        """``z_cos``: mean pairwise cosine of z over the epoch (1 = collapsed); ``z_rank``: the
+        effective rank of the last batch's z."""
+        if not self._steps:
+            return {}
+        assert self._cos is not None and self._last is not None
+        return {"z_cos": float(self._cos) / self._steps, "z_rank": effective_rank(self._last)}
+
+    def warning(self, what: str) -> str | None:
+        if not self._steps or float(self._dev) >= self.TOLERANCE:  # type: ignore[arg-type]
+            return None
+        cos = float(self._cos) / self._steps  # type: ignore[arg-type]
+        return (
+            f"the {what} loss sat at its chance value {self.chance:.4f} for the whole epoch "
+            f"(mean pairwise cosine of z {cos:.3f}): the embeddings are collapsed or not "
+            "learning; add warm-up (optim.warmup_epochs), lower optim.lr or set "
+            "model.projection_bn=true"
+        )
+
+
 class FeatureBranch(nn.Module):
     """Heads and loss of the feature branch: ``branch(h, labels)`` is the branch's loss.
 
@@ -52,6 +116,7 @@ class FeatureBranch(nn.Module):
         num_classes: Number of classes C.
         hidden_dim: Hidden units of the projection MLP.
         out_dim: Size of the embedding z (and of the prototypes).
+        batch_norm: BatchNorm on the projection MLP's hidden layer.
     """
 
     def __init__(
@@ -61,13 +126,15 @@ class FeatureBranch(nn.Module):
         num_classes: int,
         hidden_dim: int,
         out_dim: int,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.opts = opts
+        self.health = EmbeddingHealth()  # stays empty for loss "ce"
         if opts.loss == "ce":
             self.aux_classifier = build_classifier("linear", feature_dim, num_classes)
             return
-        self.projector = ProjectionMLP(feature_dim, hidden_dim, out_dim)
+        self.projector = ProjectionMLP(feature_dim, hidden_dim, out_dim, batch_norm)
         if opts.loss in ("psc", "mpsc"):
             self.prototypes = PrototypeBank(num_classes, opts.num_prototypes, out_dim)
 
@@ -82,11 +149,19 @@ class FeatureBranch(nn.Module):
             return F.cross_entropy(self.aux_classifier(h), labels)
         z = self.embed(h)
         if o.loss == "sc":
-            return sup_con_loss(z, labels, o.temperature, block_size=o.block_size)
-        protos = self.prototypes().float()
-        if o.loss == "psc":
-            return psc_loss(z, labels, protos[:, 0], o.temperature)
-        return mpsc_loss(z, labels, protos, o.temperature)
+            loss = sup_con_loss(z, labels, o.temperature, block_size=o.block_size)
+            chance = math.log(z.shape[0] - 1)
+        else:
+            protos = self.prototypes().float()
+            classes, per_class = protos.shape[:2]
+            chance = math.log((classes - 1) * per_class)
+            if o.loss == "psc":
+                loss = psc_loss(z, labels, protos[:, 0], o.temperature)
+            else:
+                loss = mpsc_loss(z, labels, protos, o.temperature)
+        if self.training:
+            self.health.add(z, loss, chance)
+        return loss
 
 
 def contrastive_loader(data: RunData, opts: ContrastiveOptions, cfg: Config) -> DataLoader:

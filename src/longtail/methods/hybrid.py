@@ -65,6 +65,7 @@ class Hybrid(Method):
             data.num_classes,
             m.projection_hidden,
             m.projection_dim,
+            m.projection_bn,
         )
         self.alpha = 1.0
 
@@ -83,6 +84,7 @@ class Hybrid(Method):
     def on_epoch_start(self, epoch: int) -> None:
         o = self.opts
         self.alpha = curriculum_alpha(o.curriculum, epoch, self.cfg.train.epochs, o.alpha)
+        self.features.health.reset()
 
     def training_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
@@ -101,7 +103,11 @@ class Hybrid(Method):
         return terms
 
     def scalars(self) -> dict[str, float]:
-        return {"alpha": self.alpha}
+        return {"alpha": self.alpha, **self.features.health.scalars()}
+
+    def warnings(self) -> list[str]:
+        found = self.features.health.warning(f"{self.opts.loss.upper()} feature-branch")
+        return [found] if found else []
 
 
 register_method(

@@ -38,6 +38,7 @@ class TwoStageSC(Method):
             data.num_classes,
             m.projection_hidden,
             m.projection_dim,
+            m.projection_bn,
         )
 
     def stages(self) -> list[Stage]:
@@ -55,6 +56,16 @@ class TwoStageSC(Method):
             step=self._feature_step,
         )
         return [features, classifier_stage(self, o)]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.features.health.reset()
+
+    def scalars(self) -> dict[str, float]:
+        return self.features.health.scalars()
+
+    def warnings(self) -> list[str]:
+        found = self.features.health.warning(f"{self.opts.loss.upper()}")
+        return [found] if found else []
 
     def _feature_loaders(self, data: RunData) -> dict[str, DataLoader]:
         return {"con": contrastive_loader(data, self.opts, self.cfg)}

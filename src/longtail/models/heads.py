@@ -89,20 +89,26 @@ class CosineClassifier(nn.Module):
 
 
 class ProjectionMLP(nn.Module):
-    """Contrastive projection head: Linear -> ReLU -> Linear, output on the unit sphere.
+    """Contrastive projection head: Linear -> [BatchNorm] -> ReLU -> Linear, on the unit sphere.
 
-    One hidden layer, as in the hybrid-network paper (Wang et al. 2021).
+    One hidden layer, as in the hybrid-network paper (Wang et al. 2021); BCL (Zhu et al. 2022)
+    and SimCLR put BatchNorm after the first layer.
 
     Args:
         in_dim: Feature size.
         hidden_dim: Hidden layer size.
         out_dim: Size of the embedding ``z``.
+        batch_norm: BatchNorm1d on the hidden layer.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool = False
+    ) -> None:
         super().__init__()
+        norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            *norm,
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )

@@ -1,0 +1,187 @@
+"""A run directory's life: refuse to clobber, allow a rerun after a failed start, one writer.
+
+Layout: ``config.yaml``, ``data.json``, ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/{last,best}.pt``, ``eval_<split>.json`` and ``.lock``. A run counts as started
+once ``checkpoints/last.pt`` exists; a directory that holds only these files and no
+checkpoint is what a run that failed before finishing its first epoch leaves behind, and a
+new run may take it over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from longtail.errors import LongtailError, UsageError
+
+try:  # POSIX; elsewhere runs go unlocked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+CHECKPOINT_DIR = "checkpoints"
+LOCK = ".lock"
+# What a run writes at its top level; anything else makes the directory someone else's.
+RUN_ENTRIES = frozenset(
+    {"config.yaml", "data.json", "metrics.jsonl", "tensorboard", CHECKPOINT_DIR, LOCK}
+)
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or (name.startswith("eval_") and name.endswith(".json"))
+
+
+class RunDir:
+    """The run directory at ``path`` (which need not exist yet)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    @property
+    def last(self) -> Path:
+        return self.path / CHECKPOINT_DIR / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / CHECKPOINT_DIR / "best.pt"
+
+    def started(self) -> bool:
+        """Whether a run has finished at least one epoch here."""
+        return self.last.is_file()
+
+    def check_path(self) -> None:
+        """The path must be a directory or nothing; no parent may be a file."""
+        for p in (self.path, *self.path.parents):
+            if p.exists() and not p.is_dir():
+                where = "" if p == self.path else f" (its parent {p} is a file)"
+                raise UsageError(f"--out {self.path} is not a directory{where}; give a folder")
+            if p.exists():
+                break
+
+    def check_new(self) -> None:
+        """A new run may use a missing or empty directory, or one left by a failed start."""
+        self.check_path()
+        if not self.path.exists():
+            return
+        if self.started():
+            raise UsageError(
+                f"run directory {self.path} already exists; pass --resume to continue it or "
+                "choose another --out"
+            )
+        foreign = sorted(p.name for p in self.path.iterdir() if not _is_run_entry(p.name))
+        if foreign:
+            raise UsageError(
+                f"--out {self.path} is not empty and is not a longtail run (it holds "
+                f"{foreign[0]!r}); choose another --out"
+            )
+
+    def check_resumable(self) -> None:
+        self.check_path()
+        if not self.started():
+            if (self.path / "config.yaml").is_file():
+                raise UsageError(
+                    f"--resume: {self.path} has no checkpoint (its run stopped before the first "
+                    "epoch finished); run the same command without --resume"
+                )
+            raise UsageError(
+                f"--resume: no checkpoint at {self.last}; start the run without --resume"
+            )
+
+    def clear_failed_start(self) -> bool:
+        """Remove what a run that never checkpointed left (only our own files); True if any."""
+        if not self.path.is_dir() or self.started():
+            return False
+        removed = False
+        for p in self.path.iterdir():
+            if not _is_run_entry(p.name) or p.name == LOCK:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed = True
+        return removed
+
+    def remove_partial_writes(self) -> None:
+        """Delete temporary files of checkpoint writes that a killed process left."""
+        folder = self.path / CHECKPOINT_DIR
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+
+    def check_not_in_use(self) -> None:
+        """Refuse at once if another process holds the lock (see :meth:`locked`)."""
+        lock = self.path / LOCK
+        if fcntl is None or not lock.is_file():
+            return
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            self._try_lock(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _try_lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UsageError(
+                f"run directory {self.path} is in use by another longtail process "
+                f"(pid {owner}); wait for it to finish or choose another --out"
+            ) from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Create the directory and hold its lock: a second process on it is refused."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LongtailError(f"cannot create run directory {self.path}: {e.strerror}") from None
+        try:
+            if fcntl is not None:
+                self._try_lock(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._lock_fd = fd
+            yield
+        finally:
+            self._lock_fd = None
+            os.close(fd)  # releases the lock
+
+    def check_writable(self, need_bytes: int) -> None:
+        """Fail now, before any compute, if checkpoints could not be written.
+
+        Writes, syncs and deletes a small file in ``checkpoints/`` (an unwritable or
+        read-only directory fails here) and compares ``need_bytes`` with the free space.
+        """
+        folder = self.path / CHECKPOINT_DIR
+        probe = folder / ".write-test.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise LongtailError(
+                f"cannot write checkpoints in {folder}: {e.strerror}; choose another --out or "
+                "fix its permissions"
+            ) from None
+        finally:
+            probe.unlink(missing_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise LongtailError(
+                f"not enough free space for checkpoints in {folder}: about "
+                f"{need_bytes / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free; free some "
+                "space or choose another --out"
+            )

@@ -1,0 +1,355 @@
+"""Nothing lost, nothing blocked: interruptions, concurrent runs, full disks, bad numbers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import tiny_config
+from longtail import api
+from longtail.build import validate
+from longtail.config import config_from_dict, load_config
+from longtail.engine import run_dir
+from longtail.engine.checkpoint import load_checkpoint
+from longtail.errors import LongtailError, UsageError
+from longtail.methods import METHODS
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TIMING = {"epoch_time_s", "images_per_s"}
+
+# Runs in a child process: train the config in argv[1] into argv[2], dying by SIGKILL at the
+# point argv[3] names: "step:E:S" (step S of epoch E, 1-based), "write:E" (halfway through
+# writing the checkpoint of epoch E) or "sleep:SECONDS" (slow steps, to hold the lock).
+DRIVER = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    sys.path.insert(0, sys.argv[4])
+    from longtail import api
+    from longtail.config import config_from_dict
+    from longtail.engine import checkpoint
+    from longtail.methods import METHODS
+
+    cfg = config_from_dict(json.loads(open(sys.argv[1]).read()))
+    kind, *where = sys.argv[3].split(":")
+    cls = METHODS.get(cfg.method_name)
+    original_step = cls.training_step
+    seen = {"epoch": -1, "step": 0, "saves": 0}
+
+    def step(self, batches, epoch):
+        if epoch != seen["epoch"]:
+            seen["epoch"], seen["step"] = epoch, 0
+        seen["step"] += 1
+        if kind == "step" and (epoch + 1, seen["step"]) == (int(where[0]), int(where[1])):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "sleep":
+            time.sleep(float(where[0]))
+        return original_step(self, batches, epoch)
+
+    cls.training_step = step
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fdopen(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else ""
+        if kind == "write" and ".last.pt." in name:
+            seen["saves"] += 1
+            if seen["saves"] == int(where[0]):
+                return HalfWriter(f)
+        return f
+
+    checkpoint.os.fdopen = fdopen
+    api.train(cfg, sys.argv[2], progress=False)
+    """
+)
+
+
+def _spawn(raw: dict, out: Path, point: str, tmp: Path) -> subprocess.Popen:
+    cfg_file = tmp / f"cfg-{out.name}.json"
+    cfg_file.write_text(json.dumps(raw))
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, str(driver), str(cfg_file), str(out), point, str(SRC)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa = load_checkpoint(a / "checkpoints" / "last.pt")
+    sb = load_checkpoint(b / "checkpoints" / "last.pt")
+    assert sa["epoch"] == sb["epoch"]
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch hybrid-sc run (one thread, so runs agree bit for bit)."""
+    from conftest import make_fashion_mnist
+
+    tmp = tmp_path_factory.mktemp("reference")
+    root = make_fashion_mnist(tmp / "fm")
+    raw = tiny_config(
+        root,
+        method={"name": "hybrid-sc"},
+        train={"epochs": 3, "batch_size": 8, "threads": 1},
+    )
+    api.train(config_from_dict(raw), tmp / "run", progress=False)
+    return raw, tmp / "run"
+
+
+@pytest.mark.parametrize(
+    ("point", "saved_epoch"),
+    [("step:2:5", 0), ("step:3:1", 1), ("write:2", 0)],
+    ids=["mid-epoch", "between-epochs", "during-checkpoint-write"],
+)
+def test_sigkill_then_resume_is_bit_exact(point, saved_epoch, reference, tmp_path):
+    raw, full = reference
+    cut = tmp_path / "cut"
+    proc = _spawn(raw, cut, point, tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    # The last complete checkpoint loads; a write cut short left only a temporary file.
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["epoch"] == saved_epoch
+    leftovers = list((cut / "checkpoints").glob(".*.tmp"))
+    assert bool(leftovers) == point.startswith("write")
+    api.train(config_from_dict(raw), cut, resume=True, progress=False)
+    assert not list((cut / "checkpoints").glob(".*.tmp"))
+    _same_weights(full, cut)
+    assert _rows(cut) == _rows(full)
+    assert json.loads((cut / "eval_test.json").read_text()) == json.loads(
+        (full / "eval_test.json").read_text()
+    )
+
+
+def test_a_second_process_on_the_same_run_is_refused(reference, tmp_path):
+    raw, full = reference
+    out = tmp_path / "run"
+    proc = _spawn(raw, out, "sleep:0.05", tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.yaml").exists():  # written under the lock
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        with pytest.raises(
+            UsageError, match=rf"in use by another longtail process \(pid {proc.pid}\)"
+        ):
+            api.train(config_from_dict(raw), out, progress=False)
+        with pytest.raises(UsageError, match="in use by another longtail process"):
+            api.train(config_from_dict(raw), out, resume=True, progress=False)
+    finally:
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    _same_weights(full, out)  # the first run finished untouched by the refused ones
+    assert _rows(out) == _rows(full)
+
+
+def test_a_failed_start_does_not_block_the_same_command(tmp_path, monkeypatch, capsys):
+    from test_bad_inputs import _folder, _invoke
+
+    root = _folder(tmp_path)
+    bad = root / "train" / "dog" / "bad.png"
+    bad.write_bytes(b"not a png")
+    args = [
+        "train", "--set", "data.dataset=folder", "--set", f"data.root={root}", "--set",
+        "data.ratio=null", "--set", "data.image_size=12", "--set", "model.backbone=convnet-tiny",
+        "--set", "train.batch_size=4", "--set", "train.epochs=1", "--out", tmp_path / "run",
+        "--no-progress",
+    ]  # fmt: skip
+    code, _, err = _invoke(args)
+    assert code == 1 and "bad.png" in err
+    assert (tmp_path / "run" / "config.yaml").exists() and not (
+        tmp_path / "run" / "checkpoints" / "last.pt"
+    ).exists()
+    code, _, err = _invoke([*args[:-3], "--out", tmp_path / "run", "--resume"])
+    assert code == 2 and "without --resume" in err
+    bad.unlink()  # the user fixes the data and runs the same command again
+    code, out, err = _invoke(args)
+    assert code == 0, err
+    assert "stopped before its first checkpoint; starting it again" in err
+    assert "test top-1" in out and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert len(_rows(tmp_path / "run")) == 1  # the failed start's log did not survive
+
+
+def test_a_bad_device_creates_nothing(tiny_fmnist, tmp_path):
+    raw = tiny_config(tiny_fmnist, train={"device": "cuda:7"})
+    with pytest.raises(UsageError, match="train.device"):
+        api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_space_stops_before_training(tiny_fmnist, tmp_path, monkeypatch):
+    class Usage:
+        free = 1024
+
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda p: Usage())
+    calls = []
+    monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", lambda self, e: calls.append(e))
+    with pytest.raises(LongtailError, match="not enough free space for checkpoints"):
+        api.train(config_from_dict(tiny_config(tiny_fmnist)), tmp_path / "run", progress=False)
+    assert calls == []  # not one epoch started
+    monkeypatch.undo()
+    api.train(config_from_dict(tiny_config(tiny_fmnist)), tmp_path / "run", progress=False)
+
+
+def test_unwritable_run_directory_stops_before_training(tiny_fmnist, tmp_path, monkeypatch):
+    real_open = open
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode and ".write-test" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(LongtailError, match="cannot write checkpoints in .*Permission denied"):
+        api.train(config_from_dict(tiny_config(tiny_fmnist)), tmp_path / "run", progress=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_run_directory_that_cannot_be_created(tiny_fmnist):
+    with pytest.raises(LongtailError, match="cannot create run directory /proc/longtail-run"):
+        api.train(config_from_dict(tiny_config(tiny_fmnist)), "/proc/longtail-run", progress=False)
+
+
+def test_failing_checkpoint_write_keeps_the_previous_one(tiny_fmnist, tmp_path, monkeypatch):
+    from longtail.engine import checkpoint
+
+    raw = tiny_config(tiny_fmnist, train={"epochs": 2})
+    real = checkpoint.atomic_write_bytes
+    writes = []
+
+    def full_disk(path, data):
+        writes.append(path.name)
+        if path.name == "last.pt" and writes.count("last.pt") == 2:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    with pytest.raises(LongtailError, match="No space left on device.*--resume"):
+        api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 0
+
+
+def test_nonfinite_steps_can_be_skipped(tiny_fmnist, tmp_path, monkeypatch):
+    cls = METHODS.get("ce")
+    original = cls.training_step
+    count = {"n": 0}
+
+    def poisoned(self, batches, epoch):
+        terms = original(self, batches, epoch)
+        count["n"] += 1
+        if count["n"] == 4:
+            terms = {k: v * float("inf") for k, v in terms.items()}
+        return terms
+
+    monkeypatch.setattr(cls, "training_step", poisoned)
+    raw = tiny_config(tiny_fmnist, train={"epochs": 2, "nonfinite": "skip"})
+    api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    rows = _rows(tmp_path / "run")
+    assert [r["skipped_steps"] for r in rows] == [1, 0]
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_mixed_modes_and_sizes_train(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, mode in enumerate(("L", "RGB", "RGBA", "P")):
+            for i in range(4):
+                size = (int(rng.integers(9, 40)), int(rng.integers(9, 40)))
+                img = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+                d = tmp_path / "imgs" / split / f"c{c}"
+                d.mkdir(parents=True, exist_ok=True)
+                img.convert(mode).save(d / f"{i}.png")
+    raw = {
+        "data": {"dataset": "folder", "root": str(tmp_path / "imgs"), "ratio": None,
+                 "image_size": 16},
+        "model": {"backbone": "convnet-tiny"},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+    }  # fmt: skip
+    res = api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert res["num_samples"] == 16
+
+
+# --- configs from a fuzzer --------------------------------------------------------------------
+
+KEYS = ["name", "seed", "method", "data", "model", "optim", "train", "_base_", "bogus"]
+SECTION_KEYS = [
+    "name", "loss", "temperature", "dataset", "ratio", "root", "files", "n_max", "backbone",
+    "classifier", "classifier_options", "lr", "milestones", "schedule", "epochs", "batch_size",
+    "sampler", "transform", "device", "con_transforms", "curriculum", "alpha", "nonfinite",
+]  # fmt: skip
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+    st.text(max_size=12), st.sampled_from(["hybrid-sc", "two-stage-sc", "cosine", "nan", "-1"]),
+)  # fmt: skip
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(SECTION_KEYS), inner, max_size=4),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(doc=st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=6)))
+def test_random_yaml_configs_never_raise_a_traceback(doc, tmp_path):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        validate(load_config(path))
+    except LongtailError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(KEYS + SECTION_KEYS), min_size=1, max_size=3),
+            st.text(max_size=15),
+        ),
+        max_size=4,
+    )
+)
+def test_random_set_overrides_never_raise_a_traceback(pairs):
+    overrides = [".".join(k) + "=" + v for k, v in pairs]
+    try:
+        validate(load_config(None, overrides))
+    except LongtailError as e:
+        assert "\n" not in str(e)
