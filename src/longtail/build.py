@@ -69,6 +69,8 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"config key 'data.val_split': use one of {', '.join(SPLITS)} or null")
     _check_classifier_options(cfg)
     options = method_options(cfg.method_name, cfg.method_options)
+    with config_key("method"):
+        METHODS.get(cfg.method_name).check_config(cfg, options)
     method = {"name": cfg.method_name, **options.model_dump(mode="json")}
     return cfg.model_copy(update={"method": method})
 
@@ -103,8 +105,6 @@ def build_method(cfg: Config, data: RunData, device: torch.device | None = None)
     options = method_options(cfg.method_name, cfg.method_options)
     method = METHODS.get(cfg.method_name)(cfg, options)
     method.setup(data)
-    with config_key("method"):
-        method.stages()  # stage lengths are checked against train.epochs here
     if device is not None:
         method = method.to(device)
         if cfg.train.channels_last:

@@ -4,6 +4,7 @@ A method is an ``nn.Module`` that owns its backbone, heads, buffers and any teac
 whole state is its ``state_dict``. The engine drives it through these hooks and never looks
 inside:
 
+    check_config(cfg, options)    (class method) options against the rest of the config
     setup(data)                   build the modules (needs class count, channels, counts)
     stages()                      spans of epochs with their own optimizer settings
     on_stage_start(stage)         freeze / unfreeze / re-initialise for the stage
@@ -86,6 +87,10 @@ class Method(nn.Module):
         self._frozen: list[nn.Module] = []
 
     # -- structure ----------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: Config, options: MethodOptions) -> None:
+        """Raise ValueError if the options do not fit the rest of the config (read no data)."""
+
     def setup(self, data: RunData) -> None:
         """Build the modules; the default is ``backbone`` and ``classifier``."""
         m = self.cfg.model

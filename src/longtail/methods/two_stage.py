@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from longtail.config import Config
 from longtail.data import RunData
 from longtail.methods.base import Batches, Method, Stage, register_method
 from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
@@ -41,13 +42,16 @@ class TwoStageSC(Method):
             m.projection_bn,
         )
 
+    @classmethod
+    def check_config(cls, cfg: Config, options: TwoStageOptions) -> None:  # type: ignore[override]
+        if options.classifier_epochs >= cfg.train.epochs:
+            raise ValueError(
+                f"classifier_epochs={options.classifier_epochs} leaves no feature epochs of "
+                f"train.epochs={cfg.train.epochs}; lower it"
+            )
+
     def stages(self) -> list[Stage]:
         o, total = self.opts, self.cfg.train.epochs
-        if o.classifier_epochs >= total:
-            raise ValueError(
-                f"classifier_epochs={o.classifier_epochs} leaves no feature epochs of "
-                f"train.epochs={total}; lower it"
-            )
         features = Stage(
             "features",
             total - o.classifier_epochs,
