@@ -37,6 +37,7 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "hybrid-mpsc-m1": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 1}),
     "hybrid-mpsc-m2": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 2}),
     "hybrid-mpsc-m4": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 4}),
+    "bcl": ("bcl-r100.yaml", {}),
 }
 
 

@@ -40,3 +40,22 @@ def mpsc_loop(z: torch.Tensor, labels: list[int], protos: torch.Tensor, tau: flo
         weights = torch.softmax(pos.detach(), 0)
         terms.append(-sum(weights[m] * (pos[m] - log_den) for m in range(per_class)))
     return torch.stack(terms).mean()
+
+
+def bcl_loop(
+    z: torch.Tensor, labels: list[int], centres: torch.Tensor, tau: float, mean: bool = True
+) -> torch.Tensor:
+    """BCL (Zhu et al. 2022): targets are the views and the class centres; each class adds
+    the mean of its exponentials to the denominator; positives are the anchor's classmates."""
+    targets = [z[j] for j in range(len(labels))] + [centres[c] for c in range(len(centres))]
+    target_labels = list(labels) + list(range(len(centres)))
+    terms = []
+    for i, y in enumerate(labels):
+        members = {c: [j for j, t in enumerate(target_labels) if t == c and j != i]
+                   for c in range(len(centres))}  # fmt: skip
+        den = sum(
+            sum(torch.exp(z[i] @ targets[j] / tau) for j in js) / len(js) for js in members.values()
+        )
+        pos = members[y]
+        terms.append(-sum(z[i] @ targets[p] / tau - torch.log(den) for p in pos) / len(pos))
+    return torch.stack(terms).mean() if mean else torch.stack(terms)

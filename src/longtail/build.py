@@ -55,6 +55,15 @@ def validate(cfg: Config) -> Config:
         ``cfg`` with the method section completed by the method's defaults, so that a run's
         saved config states every setting it trained with.
     """
+    with config_key("method.name"):
+        method_cls = METHODS.get(cfg.method_name)
+    if cfg.model.classifier is None:  # the method's own classifier, its options under ours
+        name, options = method_cls.default_classifier
+        model = {
+            "classifier": name,
+            "classifier_options": {**options, **cfg.model.classifier_options},
+        }
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
     names = [
         ("data.dataset", DATASETS, cfg.data.dataset),
         ("model.backbone", BACKBONES, cfg.model.backbone),
@@ -70,13 +79,13 @@ def validate(cfg: Config) -> Config:
     _check_classifier_options(cfg)
     options = method_options(cfg.method_name, cfg.method_options)
     with config_key("method"):
-        METHODS.get(cfg.method_name).check_config(cfg, options)
+        method_cls.check_config(cfg, options)
     method = {"name": cfg.method_name, **options.model_dump(mode="json")}
     return cfg.model_copy(update={"method": method})
 
 
 def _check_classifier_options(cfg: Config) -> None:
-    builder = CLASSIFIERS.get(cfg.model.classifier)
+    builder = CLASSIFIERS.get(str(cfg.model.classifier))
     try:
         inspect.signature(builder).bind(1, 2, **cfg.model.classifier_options)
     except TypeError as e:

@@ -47,8 +47,8 @@ class ModelConfig(_Strict):
     """Backbone and heads."""
 
     backbone: str = "resnet32"
-    classifier: str = "linear"
-    classifier_options: dict[str, Any] = Field(default_factory=dict)
+    classifier: str | None = None  # None: the method's own (linear for most, cosine for BCL)
+    classifier_options: dict[str, Any] = Field(default_factory=dict)  # over the method's own
     projection_hidden: int = Field(512, ge=1)  # units in the projection MLP's hidden layer
     projection_dim: int = Field(128, ge=1)  # dimension of the contrastive embedding z
     projection_bn: bool = False  # BatchNorm1d on the projection MLP's hidden layer

@@ -12,6 +12,8 @@ RECIPES = [
     "imagenet",
     "imagenet-hybrid",
     "imagenet-hybrid-jitter",
+    "simclr",
+    "strong",
     "test",
 ]
 GREY = ((0.5,), (0.25,))
@@ -24,8 +26,8 @@ def _steps(view):
 
 def test_registry():
     assert TRANSFORMS.names() == RECIPES
-    with pytest.raises(ValueError, match="unknown transform 'simclr'; valid: crop-flip"):
-        build_transform("simclr", 32, 3, *RGB)
+    with pytest.raises(ValueError, match="unknown transform 'byol'; valid: crop-flip"):
+        build_transform("byol", 32, 3, *RGB)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -41,7 +43,9 @@ def test_registry():
 def test_output_shape_and_dtype(name, channels, stats, image):
     view = build_transform(name, 28 if channels == 1 else 32, channels, *stats)
     steps = _steps(view)
-    assert steps[0] == "ToImage" and steps[-2:] == ["ToDtype", "Normalize"]
+    assert steps[0] == "ToImage" and steps.index("ToDtype") + 1 == steps.index("Normalize")
+    # after normalising only erasing (Cutout, which sets pixels to the mean) is allowed
+    assert set(steps[steps.index("Normalize") + 1 :]) <= {"RandomErasing"}
     out = view(image)
     size = 28 if channels == 1 else 32
     assert out.shape == (channels, size, size) and out.dtype == torch.float32
@@ -100,3 +104,26 @@ def test_multiview():
     outs = mv(Image.new("RGB", (32, 32), (1, 2, 3)))
     assert len(mv) == 2 and isinstance(outs, list) and len(outs) == 2
     assert all(o.shape == (3, 32, 32) for o in outs)
+
+
+def test_strong_view_cuts_out_a_square_at_the_mean():
+    torch.manual_seed(0)
+    view = build_transform("strong", 32, 3, *RGB)
+    assert [type(t).__name__ for t in view.transforms][-1] == "RandomErasing"
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    out = view(image)
+    zero = (out == 0).all(dim=0)  # the erased square is 0 after normalising (the mean)
+    assert zero.sum() == 16 * 16
+    rows, cols = zero.nonzero().unbind(1)
+    assert rows.max() - rows.min() == 15 and cols.max() - cols.min() == 15
+    large = [type(t).__name__ for t in build_transform("strong", 224, 3, *RGB).transforms]
+    assert "RandAugment" in large and "RandomErasing" not in large
+
+
+def test_simclr_view_crops_from_a_fifth_of_the_area():
+    view = build_transform("simclr", 32, 3, *RGB)
+    crop = next(t for t in view.transforms if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (0.2, 1.0)
+    assert "GaussianBlur" not in str(view) and "GaussianBlur" in str(
+        build_transform("simclr", 224, 3, *RGB)
+    )

@@ -27,11 +27,16 @@ TIMING_KEYS = {"epoch_time_s", "images_per_s"}
 
 def method_section(name: str, **extra) -> dict:
     """The method's config section for the pattern folder: a softer temperature (tau 0.1 PSC
-    overwhelms the classifier branch on 56 images) and a 3-epoch classifier stage."""
+    overwhelms the classifier branch on 56 images), mild augmentation (AutoAugment and Cutout
+    wreck 12-pixel stripes) and a 3-epoch classifier stage."""
     fields = METHODS.get(name).Options.model_fields
     section = {"name": name}
     if "temperature" in fields:
         section["temperature"] = 0.5
+    if "cls_transform" in fields:
+        section["cls_transform"] = "hybrid"
+    if "con_transforms" in fields:
+        section["con_transforms"] = ["hybrid-jitter", "hybrid"]
     if "classifier_epochs" in fields:
         section["classifier_epochs"] = 3
     return {**section, **extra}

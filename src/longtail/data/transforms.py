@@ -25,13 +25,17 @@ TransformBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callab
 TRANSFORMS: Registry[TransformBuilder] = Registry("transform")
 
 
-def _wrap(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _wrap(
+    steps: list[Any], mean: Sequence[float], std: Sequence[float], after: Sequence[Any] = ()
+) -> v2.Compose:
+    """ToImage, ``steps`` on the uint8 image, float in [0, 1], normalise, then ``after``."""
     return v2.Compose(
         [
             v2.ToImage(),
             *steps,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),
+            *after,
         ]
     )
 
@@ -76,6 +80,30 @@ def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float
 @TRANSFORMS.register("hybrid-jitter")
 def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
+
+
+@TRANSFORMS.register("strong")
+def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """BCL's classifier view. Small images: pad-crop, flip, AutoAugment's CIFAR-10 policy and
+    Cutout (a square of half the side set to the mean, inside the image); large ones:
+    random-resized crop, flip and RandAugment (2 ops, magnitude 9)."""
+    if size <= SMALL_MAX:
+        policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+        cutout = v2.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.0)
+        return _wrap([*_crop_flip(size), policy], mean, std, after=[cutout])
+    return _wrap([*_resized_crop_flip(size), v2.RandAugment(num_ops=2, magnitude=9)], mean, std)
+
+
+@TRANSFORMS.register("simclr")
+def _simclr(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """SimCLR's views as BCL uses them: random-resized crop (20-100% of the area), flip,
+    colour jitter (p 0.8), grayscale (p 0.2); large images also get Gaussian blur (p 0.5)."""
+    steps = [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip()]
+    steps += _jitter(channels) + _grayscale(channels)
+    if size > SMALL_MAX:
+        kernel = 2 * (size // 20) + 1  # about a tenth of the side, odd
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    return _wrap(steps, mean, std)
 
 
 @TRANSFORMS.register("imagenet")

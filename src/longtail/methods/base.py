@@ -78,6 +78,8 @@ class Method(nn.Module):
     """
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: The classifier (and its options) when the config's ``model.classifier`` is not set.
+    default_classifier: ClassVar[tuple[str, dict[str, Any]]] = ("linear", {})
 
     def __init__(self, cfg: Config, options: MethodOptions) -> None:
         super().__init__()
@@ -95,8 +97,9 @@ class Method(nn.Module):
         """Build the modules; the default is ``backbone`` and ``classifier``."""
         m = self.cfg.model
         self.backbone = build_backbone(m.backbone, in_channels=data.channels)
+        name = m.classifier or self.default_classifier[0]
         self.classifier = build_classifier(
-            m.classifier, self.backbone.feature_dim, data.num_classes, **m.classifier_options
+            name, self.backbone.feature_dim, data.num_classes, **m.classifier_options
         )
 
     def stages(self) -> list[Stage]:

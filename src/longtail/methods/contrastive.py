@@ -95,15 +95,19 @@ class EmbeddingHealth:
         assert self._cos is not None and self._last is not None
         return {"z_cos": float(self._cos) / self._steps, "z_rank": effective_rank(self._last)}
 
-    def warning(self, what: str) -> str | None:
+    def warning(
+        self,
+        what: str,
+        fix: str = "add warm-up (optim.warmup_epochs), lower optim.lr or set "
+        "model.projection_bn=true",
+    ) -> str | None:
         if not self._steps or float(self._dev) >= self.TOLERANCE:  # type: ignore[arg-type]
             return None
         cos = float(self._cos) / self._steps  # type: ignore[arg-type]
         return (
             f"the {what} loss sat at its chance value {self.chance:.4f} for the whole epoch "
             f"(mean pairwise cosine of z {cos:.3f}): the embeddings are collapsed or not "
-            "learning; add warm-up (optim.warmup_epochs), lower optim.lr or set "
-            "model.projection_bn=true"
+            f"learning; {fix}"
         )
 
 
