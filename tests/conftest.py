@@ -77,6 +77,25 @@ def tiny_config(root: pathlib.Path, **sections) -> dict:
     return cfg
 
 
+def poison_step(monkeypatch, method: str, epoch: int, step: int, value: float, *terms: str):
+    """Make the loss terms ``terms`` of one step (0-based epoch, 1-based step) ``value``,
+    and ``loss`` with them, by wrapping the method's training_step."""
+    from longtail.methods import METHODS
+
+    cls = METHODS.get(method)
+    original = cls.training_step
+    steps: dict[int, int] = {}
+
+    def poisoned(self, batches, e):
+        out = original(self, batches, e)
+        steps[e] = steps.get(e, 0) + 1
+        if (e, steps[e]) == (epoch, step):
+            out = {k: v * value if k in terms or k == "loss" else v for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(cls, "training_step", poisoned)
+
+
 PATTERNS = ("solid", "rows", "columns", "checker")
 
 

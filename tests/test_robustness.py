@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import poison_step, tiny_config
 from longtail import api
 from longtail.build import validate
 from longtail.config import config_from_dict, load_config
@@ -261,18 +261,7 @@ def test_failing_checkpoint_write_keeps_the_previous_one(tiny_fmnist, tmp_path, 
 
 
 def test_nonfinite_steps_can_be_skipped(tiny_fmnist, tmp_path, monkeypatch):
-    cls = METHODS.get("ce")
-    original = cls.training_step
-    count = {"n": 0}
-
-    def poisoned(self, batches, epoch):
-        terms = original(self, batches, epoch)
-        count["n"] += 1
-        if count["n"] == 4:
-            terms = {k: v * float("inf") for k, v in terms.items()}
-        return terms
-
-    monkeypatch.setattr(cls, "training_step", poisoned)
+    poison_step(monkeypatch, "ce", 0, 4, float("inf"), "ce")
     raw = tiny_config(tiny_fmnist, train={"epochs": 2, "nonfinite": "skip"})
     api.train(config_from_dict(raw), tmp_path / "run", progress=False)
     rows = _rows(tmp_path / "run")

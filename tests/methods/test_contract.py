@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import folder_config, tiny_config
+from conftest import folder_config, poison_step, tiny_config
 from longtail import api
 from longtail.build import build_data, build_method, validate
 from longtail.config import config_from_dict
@@ -343,21 +343,7 @@ def test_every_loader_is_reseeded_each_epoch(tiny_fmnist, tmp_path, monkeypatch)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny_fmnist, tmp_path, monkeypatch):
-    cls = METHODS.get("hybrid-sc")
-    original = cls.training_step
-    calls = {"n": 0}
-
-    def poisoned(self, batches, epoch):
-        terms = original(self, batches, epoch)
-        calls["n"] += 1
-        if epoch == 1 and calls["n"] == calls.get("first_of_1", calls["n"]) + 3:
-            terms["con"] = terms["con"] * float("nan")
-            terms["loss"] = terms["loss"] + terms["con"]
-        if epoch == 1:
-            calls.setdefault("first_of_1", calls["n"])
-        return terms
-
-    monkeypatch.setattr(cls, "training_step", poisoned)
+    poison_step(monkeypatch, "hybrid-sc", 1, 4, float("nan"), "con")
     raw = tiny_config(tiny_fmnist, method={"name": "hybrid-sc"}, train={"epochs": 3})
     run = tmp_path / "run"
     with pytest.raises(LongtailError, match=r"loss term 'con' became nan at epoch 2 step 4"):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from longtail.config import Config
+from longtail.config import Config, ModelConfig
 from longtail.data import SAMPLERS, TRANSFORMS, RunData
 from longtail.losses import mpsc_loss, psc_loss, sup_con_loss
 from longtail.methods.base import MethodOptions
@@ -141,6 +141,20 @@ class FeatureBranch(nn.Module):
         self.projector = ProjectionMLP(feature_dim, hidden_dim, out_dim, batch_norm)
         if opts.loss in ("psc", "mpsc"):
             self.prototypes = PrototypeBank(num_classes, opts.num_prototypes, out_dim)
+
+    @classmethod
+    def from_config(
+        cls, opts: ContrastiveOptions, model: ModelConfig, feature_dim: int, num_classes: int
+    ) -> FeatureBranch:
+        """The branch with the projection sizes of the config's ``model`` section."""
+        return cls(
+            opts,
+            feature_dim,
+            num_classes,
+            model.projection_hidden,
+            model.projection_dim,
+            model.projection_bn,
+        )
 
     def embed(self, h: Tensor) -> Tensor:
         """The L2-normalised embedding z of backbone features h (float32 even under autocast)."""

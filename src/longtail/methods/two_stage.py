@@ -32,14 +32,8 @@ class TwoStageSC(Method):
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier
-        m = self.cfg.model
-        self.features = FeatureBranch(
-            self.opts,
-            self.backbone.feature_dim,
-            data.num_classes,
-            m.projection_hidden,
-            m.projection_dim,
-            m.projection_bn,
+        self.features = FeatureBranch.from_config(
+            self.opts, self.cfg.model, self.backbone.feature_dim, data.num_classes
         )
 
     @classmethod
