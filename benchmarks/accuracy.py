@@ -38,6 +38,13 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "hybrid-mpsc-m2": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 2}),
     "hybrid-mpsc-m4": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 4}),
     "bcl": ("bcl-r100.yaml", {}),
+    # At 8 epochs (about 200 steps) an EMA of 0.999 leaves the key encoder 80% at its
+    # initialisation, and 4,096 keys would be a whole epoch of stale ones: 0.99 and 1,024.
+    "dscl": ("dscl-r100.yaml", {"momentum": 0.99, "queue_size": 1024}),
+    "dscl-no-pbsd": (
+        "dscl-r100.yaml",
+        {"momentum": 0.99, "queue_size": 1024, "pbsd_weight": 0.0},
+    ),
 }
 
 
@@ -60,9 +67,10 @@ def budget_config(
     fields = METHODS.get(name).Options.model_fields
     cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
     cfg["method"].update(method, name=name)
-    if name == "two-stage-sc":
-        # the same share of the budget as the 30-of-200 recipe, at least one epoch
-        cfg["method"]["classifier_epochs"] = max(1, round(30 * scale))
+    if "classifier_epochs" in fields:
+        # the classifier stage keeps its share of the budget, at least one epoch
+        stage = cfg["method"].get("classifier_epochs", fields["classifier_epochs"].default)
+        cfg["method"]["classifier_epochs"] = max(1, round(stage * scale))
     return deep_merge(cfg, extra)
 
 

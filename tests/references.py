@@ -59,3 +59,40 @@ def bcl_loop(
         pos = members[y]
         terms.append(-sum(z[i] @ targets[p] / tau - torch.log(den) for p in pos) / len(pos))
     return torch.stack(terms).mean() if mean else torch.stack(terms)
+
+
+def dscl_loop(q, k, labels, queue, queue_labels, alpha, tau):
+    """DSCL (Xuan & Zhang 2024), anchor by anchor: the own key weighs alpha, the other
+    same-class entries share 1 - alpha; empty queue slots (label -1) are left out."""
+    b = len(labels)
+    terms = []
+    for i in range(b):
+        entries = [(q[j], labels[j], "q") for j in range(b) if j != i]
+        entries += [(k[j], labels[j], "own" if j == i else "k") for j in range(b)]
+        entries += [(queue[m], queue_labels[m], "Q") for m in range(len(queue_labels))
+                    if queue_labels[m] != -1]  # fmt: skip
+        s = torch.stack([q[i] @ t / tau for t, _, _ in entries])
+        log_p = s - torch.logsumexp(s, 0)
+        own = next(n for n, (_, _, kind) in enumerate(entries) if kind == "own")
+        others = [n for n, (_, y, kind) in enumerate(entries) if y == labels[i] and kind != "own"]
+        if not others:
+            terms.append(-log_p[own])
+        else:
+            share = sum(log_p[n] for n in others) / len(others)
+            terms.append(-(alpha * log_p[own] + (1 - alpha) * share))
+    return torch.stack(terms).mean()
+
+
+def pbsd_loop(student, teacher, keys, queue, queue_labels, tau):
+    """PBSD: each patch's softmax over [own key, filled queue slots], student vs teacher."""
+    filled = [queue[m] for m in range(len(queue_labels)) if queue_labels[m] != -1]
+    terms = []
+    for i in range(student.shape[0]):
+        for j in range(student.shape[1]):
+
+            def dist(x, i=i):
+                return torch.stack([x @ keys[i]] + [x @ t for t in filled]) / tau
+
+            p_t = torch.softmax(dist(teacher[i, j].detach()), 0)
+            terms.append(-(p_t * torch.log_softmax(dist(student[i, j]), 0)).sum())
+    return torch.stack(terms).mean()

@@ -139,6 +139,34 @@ def _state_mismatch(expected: dict[str, Any], given: Any) -> str:
     return ", ".join(parts)
 
 
+def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
+    """Weights of a finished first stage from run ``source`` (``method.from_run``), all but
+    the classifier, which stays new for the classifier stage."""
+    run = RunDir(source)
+    if not run.started():
+        raise UsageError(f"method.from_run: {source} has no checkpoint; train its first stage")
+    other = read_run_config(run.path)
+    if other.method_name != cfg.method_name or other.model != cfg.model:
+        raise UsageError(
+            f"method.from_run: {source} trained {other.method_name} with another model section; "
+            "give a run of the same method and model"
+        )
+    ckpt = load_checkpoint(run.last)
+    first = other.train.epochs - int(other.method.get("classifier_epochs", 0))
+    if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
+        raise UsageError(
+            f"method.from_run: {source} stopped at epoch {ckpt['epoch'] + 1} of its first "
+            f"stage's {first}; finish it (longtail train --out {source} --resume) first"
+        )
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
+    mismatch = _state_mismatch(
+        {k: v for k, v in method.state_dict().items() if not k.startswith("classifier.")}, state
+    )
+    if mismatch:
+        raise UsageError(f"method.from_run: {source} does not fit this model ({mismatch})")
+    method.load_state_dict(state, strict=False)
+
+
 def checkpoint_bytes(method: Method) -> int:
     """About how large one checkpoint of ``method`` is: its state and SGD's momentum."""
     state = sum(t.numel() * t.element_size() for t in method.state_dict().values())
@@ -175,6 +203,9 @@ def train(
     data = build_data(cfg)
     data.pin_memory = device.type == "cuda"
     method = build_method(cfg, data, device)
+    from_run = getattr(method.opts, "from_run", None)
+    if from_run and not resume:
+        load_first_stage(method, cfg, Path(from_run).expanduser())
 
     with run.locked():
         if resume:

@@ -8,12 +8,15 @@ from its own (by default class-balanced) sampler.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from longtail.config import Config
 from longtail.data import RunData
 from longtail.methods.base import Batches, Method, Stage
 from longtail.methods.contrastive import SamplerName, TransformName
@@ -23,11 +26,31 @@ class ClassifierStageOptions(BaseModel):
     """Options of the classifier stage (mixed into a method's options)."""
 
     classifier_epochs: int = Field(30, ge=1)  # the last epochs of train.epochs
-    classifier_lr: float = Field(0.1, gt=0)  # peak lr of the stage (cosine decay, no warm-up)
+    classifier_lr: float = Field(0.1, gt=0)  # the stage's lr (no warm-up)
+    classifier_schedule: Literal["cosine", "multistep"] = "cosine"
+    classifier_milestones: list[int] = Field(default_factory=list)  # epochs into the stage
     classifier_weight_decay: float = Field(5e-4, ge=0)
     classifier_sampler: SamplerName = "class-balanced"
     classifier_batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
     classifier_transform: TransformName = "hybrid"
+    # A run directory of the same method whose first stage finished: its weights are loaded
+    # and only the classifier stage runs here.
+    from_run: str | None = None
+
+
+def decoupled_stages(method: Method, first: Stage, opts: ClassifierStageOptions) -> list[Stage]:
+    """``first`` then the classifier stage; the classifier stage alone with ``from_run``."""
+    second = classifier_stage(method, opts)
+    return [second] if opts.from_run else [first, second]
+
+
+def check_stage_lengths(cfg: Config, opts: ClassifierStageOptions) -> None:
+    """The classifier stage must leave the first stage at least one of train.epochs."""
+    if opts.from_run is None and opts.classifier_epochs >= cfg.train.epochs:
+        raise ValueError(
+            f"classifier_epochs={opts.classifier_epochs} leaves no feature epochs of "
+            f"train.epochs={cfg.train.epochs}; lower it"
+        )
 
 
 def classifier_stage(method: Method, opts: ClassifierStageOptions) -> Stage:
@@ -56,7 +79,8 @@ def classifier_stage(method: Method, opts: ClassifierStageOptions) -> Stage:
 
     optim = {
         "lr": opts.classifier_lr,
-        "schedule": "cosine",
+        "schedule": opts.classifier_schedule,
+        "milestones": opts.classifier_milestones,
         "warmup_epochs": 0.0,
         "weight_decay": opts.classifier_weight_decay,
     }

@@ -16,7 +16,11 @@ from longtail.config import Config
 from longtail.data import RunData
 from longtail.methods.base import Batches, Method, Stage, register_method
 from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
-from longtail.methods.decoupled import ClassifierStageOptions, classifier_stage
+from longtail.methods.decoupled import (
+    ClassifierStageOptions,
+    check_stage_lengths,
+    decoupled_stages,
+)
 from longtail.methods.hybrid import PAPER
 
 
@@ -38,11 +42,7 @@ class TwoStageSC(Method):
 
     @classmethod
     def check_config(cls, cfg: Config, options: TwoStageOptions) -> None:  # type: ignore[override]
-        if options.classifier_epochs >= cfg.train.epochs:
-            raise ValueError(
-                f"classifier_epochs={options.classifier_epochs} leaves no feature epochs of "
-                f"train.epochs={cfg.train.epochs}; lower it"
-            )
+        check_stage_lengths(cfg, options)
 
     def stages(self) -> list[Stage]:
         o, total = self.opts, self.cfg.train.epochs
@@ -53,7 +53,7 @@ class TwoStageSC(Method):
             loaders=self._feature_loaders,
             step=self._feature_step,
         )
-        return [features, classifier_stage(self, o)]
+        return decoupled_stages(self, features, o)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.features.health.reset()

@@ -1,0 +1,236 @@
+"""Decoupled supervised contrastive learning with patch-based self-distillation, DSCL + PBSD
+(Xuan & Zhang, AAAI 2024).
+
+Stage "features" (uniform sampling, two views per image): a query encoder (backbone + MLP
+head) and its momentum copy, the key encoder, which fills a labelled FIFO queue. The loss
+
+    L = L_DSCL(q, k, queue) + lambda * L_PBSD
+
+pulls each query to its own key with a fixed share alpha of the target and to its other
+classmates with the rest (DSCL), and makes the embedding of small boxes cropped from the
+query view (the student) match the distribution that the same boxes pooled from the query's
+feature map (the teacher, by RoIAlign) give over the own key and the queue (PBSD).
+Stage "classifier": a new linear classifier on the frozen backbone (BatchNorm statistics
+frozen too), class-balanced sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.ops import roi_align
+
+from longtail.config import Config
+from longtail.data import RunData
+from longtail.losses import decoupled_contrastive_loss, pbsd_loss
+from longtail.losses.decoupled import EMPTY
+from longtail.methods.base import Batches, Method, MethodOptions, Stage, register_method
+from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
+from longtail.methods.decoupled import (
+    ClassifierStageOptions,
+    check_stage_lengths,
+    decoupled_stages,
+)
+from longtail.models import ProjectionMLP
+
+PAPER = "Xuan & Zhang, Decoupled Contrastive Learning for Long-Tailed Recognition, AAAI 2024"
+
+
+class DSCLOptions(MethodOptions, ClassifierStageOptions):
+    """Defaults for 28-32 px images (ours); the ImageNet-LT recipe sets the paper's values."""
+
+    beta: float = Field(8.0, ge=0)  # alpha = 1 / (1 + beta): the own key's share of the target
+    temperature: float = Field(0.07, gt=0)
+    momentum: float = Field(0.99, ge=0, lt=1)  # key encoder EMA (0.999 in the paper)
+    queue_size: int = Field(1024, ge=0)  # K labelled keys (65,536 on ImageNet-LT)
+    pbsd_weight: float = Field(1.5, ge=0)  # lambda; 0 turns PBSD off (the DSCL ablation)
+    patches: int = Field(5, ge=1)  # L boxes per query view
+    patch_scale: tuple[float, float] = (0.05, 0.6)  # box area as a fraction of the view
+    patch_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # box aspect ratio range
+    patch_size: int = Field(16, ge=4)  # student crops are resized to this (64 at 224 px)
+    sampler: SamplerName = "instance"
+    con_transforms: list[TransformName] = Field(
+        default_factory=lambda: ["simclr", "simclr"], min_length=2, max_length=2
+    )  # query view, key view
+    classifier_epochs: int = Field(10, ge=1)
+    classifier_lr: float = Field(0.5, gt=0)
+    classifier_weight_decay: float = Field(0.0, ge=0)
+    classifier_transform: TransformName = "crop-flip"
+
+
+class DSCL(Method):
+    """DSCL + PBSD, then a linear classifier on frozen features."""
+
+    Options = DSCLOptions
+    opts: DSCLOptions
+
+    @classmethod
+    def check_config(cls, cfg: Config, options: DSCLOptions) -> None:  # type: ignore[override]
+        check_stage_lengths(cfg, options)
+        low, high = options.patch_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"patch_scale must be 0 < low <= high <= 1, got {options.patch_scale}")
+        if not 0 < options.patch_ratio[0] <= options.patch_ratio[1]:
+            raise ValueError(f"patch_ratio must be 0 < low <= high, got {options.patch_ratio}")
+
+    def setup(self, data: RunData) -> None:
+        super().setup(data)  # backbone, classifier (trained in the classifier stage only)
+        m, dim = self.cfg.model, self.backbone.feature_dim
+        self.head = ProjectionMLP(dim, m.projection_hidden, m.projection_dim, m.projection_bn)
+        # The key encoder: a momentum copy of the query encoder, never trained by gradients.
+        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
+        k = self.opts.queue_size
+        self.register_buffer("queue", torch.zeros(k, m.projection_dim))
+        self.register_buffer("queue_labels", torch.full((k,), EMPTY, dtype=torch.long))
+        self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
+        self._pending: tuple[Tensor, Tensor] | None = None
+        self.health = EmbeddingHealth()
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 / (1.0 + self.opts.beta)
+
+    def stages(self) -> list[Stage]:
+        features = Stage(
+            "features",
+            self.cfg.train.epochs - self.opts.classifier_epochs,
+            start=lambda: self.freeze(self.classifier),
+            loaders=self._feature_loaders,
+            step=self._feature_step,
+        )
+        return decoupled_stages(self, features, self.opts)
+
+    def _feature_loaders(self, data: RunData) -> dict[str, DataLoader]:
+        o, t = self.opts, self.cfg.train
+        loader = data.train_loader(
+            sampler=o.sampler,
+            batch_size=t.batch_size,
+            transforms=o.con_transforms,
+            total_epochs=t.epochs,
+        )
+        return {"views": loader}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.health.reset()
+
+    # -- stage 1 ------------------------------------------------------------------------
+    def boxes(self, n: int, height: int, width: int, device: torch.device) -> Tensor:
+        """``patches`` random boxes per image, (n * L, 4) as x0, y0, x1, y1 in pixels.
+
+        Drawn like RandomResizedCrop's: area a fraction of the view in ``patch_scale``,
+        log-uniform aspect ratio in ``patch_ratio``, clipped to the view. From the global
+        torch generator (on the CPU), so they are reproduced on resume.
+        """
+        o = self.opts
+        count = n * o.patches
+        area = height * width * torch.empty(count).uniform_(*o.patch_scale)
+        log_ratio = torch.empty(count).uniform_(
+            math.log(o.patch_ratio[0]), math.log(o.patch_ratio[1])
+        )
+        ratio = torch.exp(log_ratio)
+        w = torch.sqrt(area * ratio).clamp(1, width)
+        h = torch.sqrt(area / ratio).clamp(1, height)
+        x0 = torch.rand(count) * (width - w)
+        y0 = torch.rand(count) * (height - h)
+        return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).to(device)
+
+    def _feature_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
+        o = self.opts
+        (x_q, x_k), y, _ = batches["views"]
+        fmap = self.backbone.forward_features(x_q)
+        q = self.head(self.backbone.forward_head(fmap)).float()
+        with torch.no_grad():
+            k = self.key_head(self.key_backbone(x_k)).float()
+        dscl = decoupled_contrastive_loss(
+            q, k, y, self.queue, self.queue_labels, self.alpha, o.temperature
+        )
+        self._pending = (k.detach(), y.detach())
+        self.health.add(q, dscl, math.log(2 * len(q) - 1 + int((self.queue_labels >= 0).sum())))
+        terms = {"dscl": dscl}
+        loss = dscl
+        if o.pbsd_weight > 0:
+            terms["pbsd"] = self._pbsd(x_q, fmap, k)
+            loss = loss + o.pbsd_weight * terms["pbsd"]
+        terms["loss"] = loss
+        return terms
+
+    def _pbsd(self, x_q: Tensor, fmap: Tensor, k: Tensor) -> Tensor:
+        o = self.opts
+        n, _, height, width = x_q.shape
+        boxes = self.boxes(n, height, width, x_q.device)
+        rois = torch.cat(
+            [
+                torch.arange(n, device=x_q.device)
+                .repeat_interleave(o.patches)[:, None]
+                .to(boxes.dtype),
+                boxes,
+            ],
+            dim=1,
+        )
+        # Teacher: each box pooled (2 x 2, then averaged) from the query's feature map.
+        with torch.no_grad():
+            pooled = roi_align(
+                fmap.float(), rois, 2, spatial_scale=fmap.shape[-1] / width, aligned=True
+            )
+            teacher = self.head(pooled.mean(dim=(2, 3)).to(fmap.dtype)).float()
+        # Student: the same box cut from the image, resized, through the query encoder.
+        crops = roi_align(x_q.float(), rois, o.patch_size, spatial_scale=1.0, aligned=True)
+        student = self.head(self.backbone(crops.to(x_q.dtype))).float()
+        shape = (n, o.patches, -1)
+        return pbsd_loss(
+            student.view(shape),
+            teacher.view(shape),
+            k,
+            self.queue,
+            self.queue_labels,
+            o.temperature,
+        )
+
+    def after_optimizer_step(self) -> None:
+        """EMA of the query encoder into the key encoder, then the batch's keys into the queue."""
+        if self._pending is None:  # the classifier stage has no keys
+            return
+        m = self.opts.momentum
+        with torch.no_grad():
+            for key, query in ((self.key_backbone, self.backbone), (self.key_head, self.head)):
+                for pk, pq in zip(key.parameters(), query.parameters(), strict=True):
+                    pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+            self.enqueue(*self._pending)
+        self._pending = None
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, labels: Tensor) -> None:
+        """FIFO: write the keys (with their labels) over the oldest slots, wrapping around."""
+        size = self.queue.shape[0]
+        if size == 0:
+            return
+        keys, labels = keys[-size:], labels[-size:]
+        slots = (self.queue_next + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.queue_labels[slots] = labels.long()
+        self.queue_next.copy_((self.queue_next + len(keys)) % size)
+
+    def scalars(self) -> dict[str, float]:
+        health = self.health.scalars()
+        if not health:  # the classifier stage
+            return {}
+        return {**health, "queue_filled": int((self.queue_labels != EMPTY).sum())}
+
+    def warnings(self) -> list[str]:
+        found = self.health.warning("DSCL", "add warm-up (optim.warmup_epochs) or lower optim.lr")
+        return [found] if found else []
+
+
+register_method(
+    "dscl",
+    DSCL,
+    description="Decoupled SupCon with a momentum queue + patch-based self-distillation, then a "
+    "classifier on frozen features",
+    paper=PAPER,
+)
