@@ -45,6 +45,23 @@ ENTRIES: dict[str, tuple[str, dict]] = {
         "dscl-r100.yaml",
         {"momentum": 0.99, "queue_size": 1024, "pbsd_weight": 0.0},
     ),
+    **{
+        name: (f"{name}-r100.yaml", {})
+        for name in (
+            "focal",
+            "cb-focal",
+            "ce-drw",
+            "ce-drs",
+            "ldam-drw",
+            "bbn",
+            "crt",
+            "lws",
+            "tau-norm",
+            "logit-adjust",
+            "logit-adjust-posthoc",
+            "balanced-softmax",
+        )
+    },
 }
 
 
@@ -67,6 +84,11 @@ def budget_config(
     fields = METHODS.get(name).Options.model_fields
     cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
     cfg["method"].update(method, name=name)
+    defaults = METHODS.meta(name)["defaults"]
+    for key in ("reweight_epoch", "resample_epoch"):  # DRW / DRS switch at the same share
+        at = cfg["method"].get(key, defaults.get(key))
+        if at:
+            cfg["method"][key] = max(1, round(at * scale))
     if "classifier_epochs" in fields:
         # the classifier stage keeps its share of the budget, at least one epoch
         stage = cfg["method"].get("classifier_epochs", fields["classifier_epochs"].default)

@@ -77,6 +77,20 @@ def tiny_config(root: pathlib.Path, **sections) -> dict:
     return cfg
 
 
+def short_run_options(name: str, epochs: int, val_split: bool = False) -> dict:
+    """Method options that let ``name`` run in ``epochs`` epochs on tiny data: a classifier
+    stage of at most half the run, and an explicit tau for tau-norm without a val split."""
+    from longtail.methods import METHODS
+
+    fields = METHODS.get(name).Options.model_fields
+    section: dict = {"name": name}
+    if "classifier_epochs" in fields:
+        section["classifier_epochs"] = max(1, epochs // 2)
+    if name == "tau-norm" and not val_split:
+        section["tau"] = 1.0
+    return section
+
+
 def poison_step(monkeypatch, method: str, epoch: int, step: int, value: float, *terms: str):
     """Make the loss terms ``terms`` of one step (0-based epoch, 1-based step) ``value``,
     and ``loss`` with them, by wrapping the method's training_step."""

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import short_run_options, tiny_config
 from longtail import api
 from longtail.build import build_data, build_method, validate
 from longtail.config import config_from_dict
@@ -85,11 +85,11 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_logs_its_terms(method, tiny_fmnist, tmp_path):
     # That every method learns is tested in tests/methods/test_contract.py; here, what it logs.
-    fields = METHODS.get(method).Options.model_fields
-    extra = {"classifier_epochs": 1} if "classifier_epochs" in fields else {}
     cfg = config_from_dict(
         tiny_config(
-            tiny_fmnist, method={"name": method, **extra}, train={"epochs": 2, "batch_size": 8}
+            tiny_fmnist,
+            method=short_run_options(method, 2),
+            train={"epochs": 2, "batch_size": 8},
         )
     )
     res = api.train(cfg, tmp_path / method, progress=False)

@@ -57,11 +57,12 @@ def validate(cfg: Config) -> Config:
     """
     with config_key("method.name"):
         method_cls = METHODS.get(cfg.method_name)
+    options = method_options(cfg.method_name, cfg.method_options)
     if cfg.model.classifier is None:  # the method's own classifier, its options under ours
-        name, options = method_cls.default_classifier
+        name, defaults = method_cls.default_classifier_for(options)
         model = {
             "classifier": name,
-            "classifier_options": {**options, **cfg.model.classifier_options},
+            "classifier_options": {**defaults, **cfg.model.classifier_options},
         }
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
     names = [
@@ -77,7 +78,6 @@ def validate(cfg: Config) -> Config:
     if cfg.data.val_split is not None and cfg.data.val_split not in SPLITS:
         raise UsageError(f"config key 'data.val_split': use one of {', '.join(SPLITS)} or null")
     _check_classifier_options(cfg)
-    options = method_options(cfg.method_name, cfg.method_options)
     with config_key("method"):
         method_cls.check_config(cfg, options)
     method = {"name": cfg.method_name, **options.model_dump(mode="json")}

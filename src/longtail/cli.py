@@ -136,8 +136,9 @@ def methods(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json(rows)
         return
+    width = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<16} {r['description']}")
+        print(f"{r['name']:<{width}}  {r['description']}")
 
 
 def _stats_data_config(

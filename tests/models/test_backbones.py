@@ -65,6 +65,10 @@ def test_feature_map_then_head_is_forward(name):
     assert fmap.shape[2] > 1 and fmap.shape[3] > 1
     torch.testing.assert_close(pooled, fmap.mean(dim=(2, 3)))
     torch.testing.assert_close(direct, pooled)
+    with torch.no_grad():  # the trunk and the last stage make up the feature map
+        torch.testing.assert_close(model.last_stage(model.forward_trunk(x)), fmap)
+    own = {id(p) for p in model.parameters()}
+    assert {id(p) for p in model.last_stage.parameters()} < own
 
 
 @pytest.mark.parametrize(("name", "depth"), sorted(CIFAR_DEPTHS.items()))

@@ -13,6 +13,7 @@ from longtail.data.samplers import (
     SAMPLERS,
     EpochSampler,
     KPerClassBatchSampler,
+    SwitchingSampler,
     build_sampler,
 )
 from longtail.data.sources import (
@@ -44,6 +45,7 @@ __all__ = [
     "MultiView",
     "RunData",
     "Source",
+    "SwitchingSampler",
     "build_sampler",
     "build_transform",
     "check_counts",

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from longtail.config import DataConfig
 from longtail.data.dataset import LTDataset
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
-from longtail.data.samplers import KPerClassBatchSampler, build_sampler
+from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import Source, load_source
 from longtail.data.transforms import MultiView, build_transform
 from longtail.errors import DataError
@@ -131,6 +131,7 @@ class RunData:
         batch_size: int,
         transforms: str | Sequence[str],
         k_per_class: int | None = None,
+        switch: tuple[int, str] | None = None,
         **sampler_options: Any,
     ) -> DataLoader:
         """A training loader; ``transforms`` as a list gives a list of views per image.
@@ -142,6 +143,8 @@ class RunData:
             batch_size: Images per step.
             transforms: One augmentation preset, or several for a multi-view batch.
             k_per_class: Build batches of k same-class images per sampled class.
+            switch: ``(epoch, sampler)``: from that 0-based epoch on, draw with that sampler
+                instead (deferred re-sampling).
             **sampler_options: Passed to the sampler (e.g. ``total_epochs``).
         """
         transform = (
@@ -160,6 +163,9 @@ class RunData:
             batches = KPerClassBatchSampler(labels, batch_size, k_per_class, seed=self.seed)
             return self._loader(dataset, batch_sampler=batches)
         s = build_sampler(sampler, labels, seed=self.seed, **sampler_options)
+        if switch is not None:
+            then = build_sampler(switch[1], labels, seed=self.seed, **sampler_options)
+            s = SwitchingSampler(s, then, switch[0])
         return self._loader(dataset, sampler=s, batch_size=batch_size, drop_last=True)
 
     def eval_loader(

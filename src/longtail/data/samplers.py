@@ -190,6 +190,42 @@ def build_sampler(name: str, labels: np.ndarray, **kw: Any) -> EpochSampler:
     return SAMPLERS.get(name)(labels, **kw)
 
 
+class SwitchingSampler(torch.utils.data.Sampler[int]):
+    """One sampler's draws before epoch ``at``, another's from then on (deferred re-sampling,
+    DRS: instance sampling, then class-balanced from the 160th of 200 epochs).
+
+    Args:
+        first: Sampler of the epochs before ``at``.
+        then: Sampler of epoch ``at`` and later; must draw as many indices per epoch.
+        at: The 0-based epoch of the switch.
+    """
+
+    def __init__(self, first: EpochSampler, then: EpochSampler, at: int) -> None:
+        super().__init__()
+        if len(first) != len(then):
+            raise ValueError(
+                f"both samplers must draw as many indices ({len(first)} vs {len(then)})"
+            )
+        self.first, self.then, self.at = first, then, int(at)
+        self.name = f"{first.name}->{then.name}@{at}"
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.first.set_epoch(epoch)
+        self.then.set_epoch(epoch)
+
+    @property
+    def active(self) -> EpochSampler:
+        return self.then if self.epoch >= self.at else self.first
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.active)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
 CLASS_WEIGHTINGS = ("uniform", "instance")
 
 

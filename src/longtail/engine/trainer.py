@@ -221,23 +221,40 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_loader(
-    method: Method, loader: Iterable, device: torch.device, channels_last: bool = False
+    method: Method,
+    loader: Iterable,
+    device: torch.device,
+    channels_last: bool = False,
+    fn: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Logits and labels of a whole evaluation loader, in eval mode.
+    """``fn`` (default ``method.predict``) over a whole evaluation loader, in eval mode;
+    returns the stacked outputs and the labels.
 
     The random state is put back afterwards (a loader draws a seed when it starts), so
     evaluating during training never changes what training does next.
     """
+    fn = fn or method.predict
     was_training = method.training
     method.eval()
-    all_logits, all_labels = [], []
+    outputs, labels = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for x, y, _ in loader:
-            logits = method.predict(to_device(x, device, channels_last))
-            all_logits.append(logits.float().cpu())
-            all_labels.append(y)
+            outputs.append(fn(to_device(x, device, channels_last)).float().cpu())
+            labels.append(y)
     method.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def _collector(
+    method: Method, data: RunData, device: torch.device, train_cfg: TrainConfig
+) -> Callable[[str, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor]]:
+    """``collect(split, fn)`` for :meth:`Method.calibrate`."""
+
+    def collect(split: str, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        loader = data.eval_loader(split, 256, train_cfg.test_transform)
+        return predict_loader(method, loader, device, train_cfg.channels_last, fn)
+
+    return collect
 
 
 def evaluate(
@@ -329,6 +346,8 @@ def fit(
                 bar,
             )
             scalars = method.scalars()
+            if epoch == total_epochs - 1:
+                scalars.update(method.calibrate(_collector(method, data, device, cfg.train)))
             clash = RESERVED_KEYS.intersection(scalars)
             if clash:
                 raise ValueError(f"{type(method).__name__}.scalars() uses reserved keys {clash}")

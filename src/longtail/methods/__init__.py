@@ -1,6 +1,15 @@
 """Methods: the one place that knows a paper. Importing this package registers them all."""
 
-from longtail.methods import bcl, ce, dscl, hybrid, two_stage  # noqa: F401  (registration)
+from longtail.methods import (  # noqa: F401  (registration)
+    bbn,
+    bcl,
+    ce,
+    decoupling,
+    dscl,
+    hybrid,
+    reweighting,
+    two_stage,
+)
 from longtail.methods.base import METHODS, Method, MethodOptions, Stage, register_method
 from longtail.methods.curriculum import CURRICULA, curriculum_alpha
 

@@ -12,6 +12,7 @@ inside:
     on_epoch_start(epoch)         per-epoch settings (a curriculum weight, a switch)
     training_step(batches, epoch) named loss terms of one step; "loss" is back-propagated
     after_optimizer_step()        momentum encoders, queues, centre updates
+    calibrate(collect)            after the last epoch: post-hoc choices on the validation split
     predict(x)                    logits used for evaluation
     scalars()                     numbers to log each epoch, reported as they are
     warnings()                    messages about the epoch (a loss stuck at chance, say)
@@ -37,6 +38,7 @@ from longtail.registry import Registry
 
 Batches = Mapping[str, Any]
 StepFn = Callable[[Batches, int], dict[str, Tensor]]
+Collect = Callable[[str, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor]]
 
 
 class MethodOptions(BaseModel):
@@ -92,6 +94,11 @@ class Method(nn.Module):
     @classmethod
     def check_config(cls, cfg: Config, options: MethodOptions) -> None:
         """Raise ValueError if the options do not fit the rest of the config (read no data)."""
+
+    @classmethod
+    def default_classifier_for(cls, options: MethodOptions) -> tuple[str, dict[str, Any]]:
+        """The classifier when ``model.classifier`` is unset (a variant may want another)."""
+        return cls.default_classifier
 
     def setup(self, data: RunData) -> None:
         """Build the modules; the default is ``backbone`` and ``classifier``."""
@@ -151,7 +158,24 @@ class Method(nn.Module):
     # -- inference ----------------------------------------------------------------------
     def predict(self, x: Tensor) -> Tensor:
         """Logits used for evaluation."""
-        return self.classifier(self.backbone(x))
+        return self.classify(self.backbone(x))
+
+    def classify(self, h: Tensor) -> Tensor:
+        """Logits of backbone features (what a classifier stage trains through)."""
+        return self.classifier(h)
+
+    def calibrate(self, collect: Collect) -> dict[str, float]:
+        """Called once after the last training epoch, before its checkpoint: post-hoc
+        choices made on the validation split (tau-normalisation's tau, say).
+
+        Args:
+            collect: ``collect(split, fn)`` runs ``fn`` on every image of a split (eval
+                mode, no gradients) and returns the stacked outputs and the labels.
+
+        Returns:
+            Scalars to log with the last epoch.
+        """
+        return {}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predict(x)

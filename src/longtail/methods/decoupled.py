@@ -53,11 +53,28 @@ def check_stage_lengths(cfg: Config, opts: ClassifierStageOptions) -> None:
         )
 
 
-def classifier_stage(method: Method, opts: ClassifierStageOptions) -> Stage:
-    """The stage that trains ``method.classifier`` on ``method.backbone``'s frozen features."""
+def classifier_stage(
+    method: Method,
+    opts: ClassifierStageOptions,
+    trainable: str = "classifier",
+    reinit: bool = False,
+) -> Stage:
+    """The stage that trains ``method.<trainable>`` (the classifier, or LWS's scales) on
+    ``method.backbone``'s frozen features, through ``method.classify``.
+
+    Args:
+        method: The method; everything but ``trainable`` is frozen, BatchNorm included.
+        opts: The stage's options.
+        trainable: The child module that learns.
+        reinit: Re-initialise it when the stage starts (cRT's fresh classifier).
+    """
 
     def start() -> None:
-        method.freeze(*(m for name, m in method.named_children() if name != "classifier"))
+        method.freeze(*(m for name, m in method.named_children() if name != trainable))
+        if reinit:
+            for m in getattr(method, trainable).modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
 
     def loaders(data: RunData) -> dict[str, DataLoader]:
         t = method.cfg.train
@@ -74,7 +91,7 @@ def classifier_stage(method: Method, opts: ClassifierStageOptions) -> Stage:
         x, y, _ = batches["cls"]
         with torch.no_grad():
             h = method.backbone(x)
-        ce = F.cross_entropy(method.classifier(h), y)
+        ce = F.cross_entropy(method.classify(h), y)
         return {"loss": ce, "ce": ce}
 
     optim = {

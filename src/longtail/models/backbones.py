@@ -3,8 +3,9 @@
 Every backbone is an ``nn.Module`` with an int attribute ``feature_dim`` and three methods:
 ``forward_features(x)`` gives the last feature map ``(N, feature_dim, h, w)`` (what patch- or
 region-level methods such as DSCL's PBSD pool from), ``forward_head(f)`` pools that map to
-``(N, feature_dim)``, and ``forward(x)`` is the two in a row. Classifiers are separate
-(:mod:`longtail.models.heads`).
+``(N, feature_dim)``, and ``forward(x)`` is the two in a row. ``forward_trunk(x)`` and
+``last_stage`` split ``forward_features`` before its last stage (BBN's two branches share the
+trunk). Classifiers are separate (:mod:`longtail.models.heads`).
 """
 
 from __future__ import annotations
@@ -92,10 +93,19 @@ class TorchvisionResNet(torchvision.models.ResNet):
             # Same init torchvision gives its own convs, so the stem is not the odd one out.
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def last_stage(self) -> nn.Module:
+        """The last residual stage (BBN gives its re-balancing branch a copy of it)."""
+        return self.layer4
+
+    def forward_trunk(self, x: Tensor) -> Tensor:
+        """Everything before the last stage."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map (stride 32), before pooling."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.layer4(self.forward_trunk(x))
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Global average pooling of a feature map to ``(N, feature_dim)``."""
@@ -142,6 +152,14 @@ class ConvNetTiny(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
+
+    @property
+    def last_stage(self) -> nn.Module:
+        """The last conv block."""
+        return self.features[-3:]
+
+    def forward_trunk(self, x: Tensor) -> Tensor:
+        return self.features[:-3](x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)

@@ -130,10 +130,18 @@ class ResNetCifar(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def last_stage(self) -> nn.Module:
+        """The last residual stage (BBN gives its re-balancing branch a copy of it)."""
+        return self.layer3
+
+    def forward_trunk(self, x: Tensor) -> Tensor:
+        """Everything before the last stage."""
+        return self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before pooling."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return self.layer3(self.forward_trunk(x))
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Global average pooling of a feature map to ``(N, feature_dim)``."""
