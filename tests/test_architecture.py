@@ -22,11 +22,13 @@ LAYERS = {
     "longtail.models": 2,
     "longtail.losses": 2,
     "longtail.evaluation": 2,
+    "longtail.parallel": 1,
     "longtail.methods": 3,
     "longtail.engine": 4,
     "longtail.build": 5,
     "longtail.api": 6,
     "longtail.cli": 7,
+    "longtail.__main__": 8,
 }
 
 

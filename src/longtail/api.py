@@ -8,6 +8,7 @@ checked before the directory is created.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, config_from_dict, dump_config
 from longtail.data import RunData
+from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
 from longtail.engine.trainer import (
@@ -187,18 +189,23 @@ def train(
     Returns:
         The test metrics of the last epoch (also written to ``eval_test.json``).
     """
+    main = distributed.is_main_from_env()  # under torchrun only rank 0 touches the run dir
     run = RunDir(out)
-    run.check_path()
-    run.check_not_in_use()
+    if main:
+        run.check_path()
+        run.check_not_in_use()
     if resume:
-        run.check_resumable()
+        if main:
+            run.check_resumable()
         cfg = read_run_config(run.path)
     else:
         cfg = validate(cfg)
-        run.check_new()
+        if main:
+            run.check_new()
+    distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = _device(cfg)
+    device = distributed.local_device(_device(cfg))
     seed_everything(cfg.seed)
     data = build_data(cfg)
     data.pin_memory = device.type == "cuda"
@@ -207,12 +214,8 @@ def train(
     if from_run and not resume:
         load_first_stage(method, cfg, Path(from_run).expanduser())
 
-    with run.locked():
-        if resume:
-            run.remove_partial_writes()
-            ckpt = load_checkpoint(run.last, map_location=device)
-            check_checkpoint(ckpt, cfg, run.last, method)
-        else:
+    with run.locked() if main else contextlib.nullcontext():
+        if main and not resume:
             run.check_new()  # again, now that no other process can start it meanwhile
             if run.clear_failed_start():
                 print(
@@ -220,13 +223,20 @@ def train(
                     "starting it again",
                     file=sys.stderr,
                 )
-            ckpt = None
-        copies = 3 if data.val_source is not None else 2  # last, best, one write in flight
-        run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
-        if ckpt is None:
-            atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-            summary = json.dumps(data_summary(cfg, data), indent=1)
-            atomic_write_bytes(run.path / "data.json", summary.encode())
+        if main:
+            if resume:
+                run.remove_partial_writes()
+            copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
+            run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
+            if not resume:
+                atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
+                summary = json.dumps(data_summary(cfg, data), indent=1)
+                atomic_write_bytes(run.path / "data.json", summary.encode())
+        distributed.barrier()  # the run directory is ready for every process
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(run.last, map_location=device)
+            check_checkpoint(ckpt, cfg, run.last, method)
         fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
         return evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
 
@@ -265,6 +275,6 @@ def evaluate_run(
         epoch = sum(s.epochs for s in method.stages())
     res, _, _ = evaluate(method, data, split, device, cfg.train)
     res = {"split": split, "checkpoint": checkpoint, "epoch": epoch, **res}
-    if save:
+    if save and distributed.is_main():
         atomic_write_bytes(out / f"eval_{split}.json", json.dumps(res, indent=1).encode())
     return res

@@ -29,6 +29,7 @@ from longtail.data import (
     load_source,
 )
 from longtail.data import download as download_dataset
+from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
 from longtail.errors import DataError, LongtailError, UsageError
 from longtail.evaluation import shot_groups
@@ -96,9 +97,13 @@ def train(
             "interrupted before the first epoch finished; nothing to resume: run the same "
             "command again"
         ) from None
-    groups = "  ".join(f"{g} {res[g]:.4f}" for g in ("many", "medium", "few") if res[g] is not None)
-    print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
-    print(f"run directory: {out}")
+    if distributed.is_main_from_env():  # under torchrun, rank 0 reports
+        groups = "  ".join(
+            f"{g} {res[g]:.4f}" for g in ("many", "medium", "few") if res[g] is not None
+        )
+        print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
+        print(f"run directory: {out}")
+    distributed.exit_process(0)
 
 
 @app.command()

@@ -231,7 +231,6 @@ def test_prediction_is_the_classifier_branch(name, tiny_fmnist):
     with torch.no_grad():
         expected = method.classify(method.backbone(x))
         torch.testing.assert_close(method.predict(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(method(x), expected, rtol=0, atol=0)
         aux = getattr(getattr(method, "features", None), "aux_classifier", None)
         if aux is not None:  # ce-ce's feature-branch head must not be the one that predicts
             assert not torch.allclose(aux(method.backbone(x)), expected)

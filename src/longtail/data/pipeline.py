@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from longtail import parallel
 from longtail.config import DataConfig
-from longtail.data.dataset import LTDataset
+from longtail.data.dataset import EpochKeys, LTDataset
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import Source, load_source
@@ -152,32 +153,45 @@ class RunData:
             if isinstance(transforms, str)
             else MultiView([self.transform(t) for t in transforms])
         )
-        dataset = LTDataset(self.train_source, self.train_indices, transform)
+        dataset = LTDataset(self.train_source, self.train_indices, transform, seed=self.seed)
         labels = self.train_labels
         if len(labels) < batch_size:
             raise DataError(
                 f"the training set has {len(labels)} images, fewer than one batch of "
                 f"{batch_size}; lower the batch size"
             )
+        rank, world = parallel.rank(), parallel.world_size()
+        if batch_size % world:
+            raise ValueError(
+                f"a global batch of {batch_size} does not split over {world} processes; use a "
+                "multiple of the process count"
+            )
         if k_per_class:
             batches = KPerClassBatchSampler(labels, batch_size, k_per_class, seed=self.seed)
-            return self._loader(dataset, batch_sampler=batches)
+            return self._loader(dataset, batch_sampler=EpochKeys(batches.shard(rank, world)))
         s = build_sampler(sampler, labels, seed=self.seed, **sampler_options)
         if switch is not None:
             then = build_sampler(switch[1], labels, seed=self.seed, **sampler_options)
             s = SwitchingSampler(s, then, switch[0])
-        return self._loader(dataset, sampler=s, batch_size=batch_size, drop_last=True)
+        s.shard(rank, world, batch_size)
+        local = batch_size // world
+        return self._loader(dataset, sampler=EpochKeys(s), batch_size=local, drop_last=True)
 
     def eval_loader(
         self, split: str = "test", batch_size: int = 256, transform: str = "test"
     ) -> DataLoader:
-        """Every image of ``split`` once, in order (``train``: the long-tailed subset)."""
+        """Every image of ``split`` once, in order (``train``: the long-tailed subset).
+
+        Under several processes each takes every ``world_size``-th image (no padding, so
+        no image counts twice); the engine gathers the predictions.
+        """
         source = {"test": self.test_source, "val": self.val_source, "train": self.train_source}[
             split
         ]
         if source is None:
             raise DataError(f"{self.cfg.dataset} has no {split!r} split loaded for evaluation")
-        indices = self.train_indices if split == "train" else None
+        indices = self.train_indices if split == "train" else np.arange(len(source))
+        indices = indices[parallel.rank() :: parallel.world_size()]
         dataset = LTDataset(source, indices, self.transform(transform))
         return self._loader(dataset, batch_size=batch_size, shuffle=False)
 
@@ -195,7 +209,8 @@ class RunData:
 def loader_sampler(loader: DataLoader) -> Any:
     """The object that orders a loader's epoch: its batch sampler or its sampler."""
     bs = loader.batch_sampler
-    return bs if hasattr(bs, "set_epoch") else loader.sampler
+    found = bs if hasattr(bs, "set_epoch") else loader.sampler
+    return found.sampler if isinstance(found, EpochKeys) else found
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

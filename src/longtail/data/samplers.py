@@ -59,6 +59,7 @@ class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
             raise ValueError(f"num_samples must be >= 1; got {num_samples}")
         self.seed = int(seed)
         self.epoch = 0
+        self.rank, self.world_size, self.global_batch = 0, 1, 0
         self.counts = np.bincount(self.labels).astype(np.int64)
         # Images grouped by class: class c's images are by_class[starts[c]:starts[c] + counts[c]].
         self.by_class = np.argsort(self.labels, kind="stable")
@@ -71,6 +72,22 @@ class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draws the next iteration yields."""
         self.epoch = int(epoch)
+
+    def shard(self, rank: int, world_size: int, global_batch: int) -> EpochSampler:
+        """Yield only this process's part of each global batch (its ``rank``-th slice).
+
+        Every process draws the same epoch (same seed and epoch), cuts it into global
+        batches of ``global_batch`` (dropping the incomplete last one) and takes the
+        ``rank``-th of ``world_size`` equal slices of each: the slices are disjoint and, put
+        together in rank order, are exactly the single-process batches.
+        """
+        if world_size < 1 or not 0 <= rank < world_size or global_batch % world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size and a batch divisible by world_size; got rank "
+                f"{rank}, world_size {world_size}, batch {global_batch}"
+            )
+        self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
+        return self
 
     @abc.abstractmethod
     def class_probabilities(self) -> np.ndarray:
@@ -88,9 +105,19 @@ class EpochSampler(torch.utils.data.Sampler[int], abc.ABC):
         return self.by_class[self.starts[cls] + within]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.full_indices().tolist())
+        full = self.full_indices()
+        if self.world_size > 1:
+            steps, local = (
+                self.num_samples // self.global_batch,
+                self.global_batch // self.world_size,
+            )
+            full = full[: steps * self.global_batch].reshape(steps, self.world_size, local)
+            full = full[:, self.rank].reshape(-1)
+        return iter(full.tolist())
 
     def __len__(self) -> int:
+        if self.world_size > 1:
+            return self.num_samples // self.global_batch * (self.global_batch // self.world_size)
         return self.num_samples
 
 
@@ -215,6 +242,11 @@ class SwitchingSampler(torch.utils.data.Sampler[int]):
         self.first.set_epoch(epoch)
         self.then.set_epoch(epoch)
 
+    def shard(self, rank: int, world_size: int, global_batch: int) -> SwitchingSampler:
+        self.first.shard(rank, world_size, global_batch)
+        self.then.shard(rank, world_size, global_batch)
+        return self
+
     @property
     def active(self) -> EpochSampler:
         return self.then if self.epoch >= self.at else self.first
@@ -279,6 +311,7 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
             )
         self.num_samples = len(self.labels) if num_samples is None else int(num_samples)
         self.num_batches = max(1, self.num_samples // self.batch_size)
+        self.rank, self.world_size = 0, 1
         self.seed = int(seed)
         self.class_weighting = class_weighting
         self.epoch = 0
@@ -306,8 +339,22 @@ class KPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
                 out[b, j * self.k : (j + 1) * self.k] = members[pick]
         return out
 
+    def shard(self, rank: int, world_size: int) -> KPerClassBatchSampler:
+        """Yield only this process's slice of each batch (see :meth:`EpochSampler.shard`)."""
+        if world_size < 1 or not 0 <= rank < world_size or self.batch_size % world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size and a batch divisible by world_size; got rank "
+                f"{rank}, world_size {world_size}, batch {self.batch_size}"
+            )
+        self.rank, self.world_size = rank, world_size
+        return self
+
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.full_batches().tolist()
+        batches = self.full_batches()
+        if self.world_size > 1:
+            local = self.batch_size // self.world_size
+            batches = batches[:, self.rank * local : (self.rank + 1) * local]
+        yield from batches.tolist()
 
     def __len__(self) -> int:
         return self.num_batches

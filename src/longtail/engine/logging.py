@@ -67,8 +67,9 @@ def format_record(record: dict[str, Any]) -> str:
 class ProgressBar:
     """A rich progress bar on a terminal; one plain line per epoch otherwise."""
 
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    def __init__(self, enabled: bool | None, quiet: bool = False) -> None:
+        self.quiet = quiet  # print nothing at all (the other processes of a distributed run)
+        self.enabled = not quiet and (sys.stderr.isatty() if enabled is None else enabled)
         self.bar: Progress | None = None
         if self.enabled:
             self.bar = Progress(
@@ -93,6 +94,8 @@ class ProgressBar:
             self.bar.update(self.task, advance=1, info=info)
 
     def end_epoch(self, line: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(line)
         else:

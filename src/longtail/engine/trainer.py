@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from longtail.config import Config, OptimConfig, TrainConfig
 from longtail.data import RunData, set_loader_epoch, to_device
+from longtail.engine import distributed
 from longtail.engine.checkpoint import save_checkpoint
 from longtail.engine.logging import RESERVED_KEYS, MetricsLog, ProgressBar, format_record
 from longtail.engine.run_dir import CHECKPOINT_DIR
@@ -122,8 +123,10 @@ class NonFiniteGuard:
         self._pending.append((step, list(terms), values))
 
     def check(self, epoch: int) -> None:
+        """Raise on every process if a step on any of them had a non-finite term."""
         pending, self._pending = self._pending, []
-        if not pending or bool(torch.isfinite(torch.cat([v for _, _, v in pending])).all()):
+        ok = not pending or bool(torch.isfinite(torch.cat([v for _, _, v in pending])).all())
+        if not distributed.any_process(not ok):
             return
         for step, names, values in pending:
             bad = (~torch.isfinite(values)).nonzero()
@@ -134,10 +137,15 @@ class NonFiniteGuard:
                     f"step {step + 1}; training stopped and the last checkpoint is kept; lower "
                     "optim.lr or check the data"
                 )
+        raise LongtailError(
+            f"a loss term of another process became non-finite in epoch {epoch + 1}; training "
+            "stopped and the last checkpoint is kept"
+        )
 
 
 def train_one_epoch(
     method: Method,
+    model: nn.Module,
     loaders: dict[str, DataLoader],
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[float], float],
@@ -150,6 +158,8 @@ def train_one_epoch(
 
     Args:
         method: The method, on ``device``.
+        model: What computes the step: the method, or the method inside
+            DistributedDataParallel.
         loaders: The stage's named loaders, re-seeded here for ``epoch``.
         optimizer: The stage's optimizer.
         lr_at: Learning rate at a fraction of this epoch (0 at its first step).
@@ -180,9 +190,11 @@ def train_one_epoch(
         )
         saved = [b.detach().clone() for b in method.buffers()] if skip else []
         with amp:
-            terms = method.training_step(batches, epoch)
+            terms = model(batches, epoch)
         images += batches.images_read()
-        if skip and not all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()):
+        if skip and distributed.any_process(
+            not all(bool(torch.isfinite(v.detach()).all()) for v in terms.values())
+        ):
             with torch.no_grad():  # the forward pass moved BatchNorm statistics: undo that
                 for b, old in zip(method.buffers(), saved, strict=True):
                     b.copy_(old)
@@ -209,9 +221,11 @@ def train_one_epoch(
         )
     elapsed = time.perf_counter() - t0
     done = steps - skipped
+    means = distributed.mean_over_processes({k: float(v) / done for k, v in sums.items()})
+    images = int(distributed.sum_over_processes({"images": images})["images"])
     return {
         "lr": lr,
-        **{f"train/{k}": float(v) / done for k, v in sums.items()},
+        **{f"train/{k}": v for k, v in means.items()},
         "steps": steps,
         **({"skipped_steps": skipped} if skip else {}),
         "epoch_time_s": elapsed,
@@ -236,13 +250,18 @@ def predict_loader(
     fn = fn or method.predict
     was_training = method.training
     method.eval()
-    outputs, labels = [], []
+    outputs, labels, where = [], [], []
+    positions = torch.as_tensor(loader.dataset.indices)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for x, y, _ in loader:
+        for x, y, j in loader:
             outputs.append(fn(to_device(x, device, channels_last)).float().cpu())
             labels.append(y)
+            where.append(positions[j])
     method.train(was_training)
-    return torch.cat(outputs), torch.cat(labels)
+    parts = distributed.gather_objects((torch.cat(outputs), torch.cat(labels), torch.cat(where)))
+    # Each process predicted every world_size-th image: put the split back in its order.
+    order = torch.cat([p[2] for p in parts]).argsort()
+    return torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order]
 
 
 def _collector(
@@ -314,8 +333,10 @@ def fit(
         _restore(method, ckpt)
         start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best")
 
-    log = MetricsLog(out)
-    bar = ProgressBar(progress)
+    main = distributed.is_main()  # only rank 0 writes, logs and prints
+    log = MetricsLog(out) if main else None
+    bar = ProgressBar(progress if main else False, quiet=not main)
+    model: nn.Module = method
     stage_idx, optimizer, loaders, optim_cfg = -1, None, {}, cfg.optim
     try:
         for epoch in range(start_epoch, total_epochs):
@@ -330,6 +351,7 @@ def fit(
                 if resuming_here:
                     optimizer.load_state_dict(ckpt["optimizer"])
                 loaders = method.loaders(data, stage)
+                model = distributed.wrap(method, device)
                 stage_idx = idx
             assert optimizer is not None
 
@@ -337,6 +359,7 @@ def fit(
             bar.start_epoch(epoch + 1, total_epochs, min(len(x) for x in loaders.values()))
             stats = train_one_epoch(
                 method,
+                model,
                 loaders,
                 optimizer,
                 lambda f, c=optim_cfg, e=stage_epoch, n=stage.epochs: learning_rate(c, e + f, n),
@@ -381,12 +404,17 @@ def fit(
                 if best is None or res["top1"] > best["top1"]:
                     best = {"epoch": epoch + 1, "top1": res["top1"]}
                     state["best"] = best
-                    _save(state, out / CHECKPOINT_DIR / "best.pt")
-            _save(state, out / CHECKPOINT_DIR / "last.pt")
-            log.write(record)
-            bar.end_epoch(format_record(record))
-            for w in warnings:
-                bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
+                    if main:
+                        _save(state, out / CHECKPOINT_DIR / "best.pt")
+            if main:
+                _save(state, out / CHECKPOINT_DIR / "last.pt")
+                assert log is not None
+                log.write(record)
+                bar.end_epoch(format_record(record))
+                for w in warnings:
+                    bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
+            distributed.barrier()  # the others wait until the epoch is saved
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -39,6 +40,11 @@ from longtail.registry import Registry
 Batches = Mapping[str, Any]
 StepFn = Callable[[Batches, int], dict[str, Tensor]]
 Collect = Callable[[str, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor]]
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is half precision (autocast), else unchanged: float64 stays."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class MethodOptions(BaseModel):
@@ -80,6 +86,9 @@ class Method(nn.Module):
     """
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: Whether a step may leave trainable parameters without a gradient (distributed training
+    #: must then look for them every step).
+    skips_parameters: ClassVar[bool] = False
     #: The classifier (and its options) when the config's ``model.classifier`` is not set.
     default_classifier: ClassVar[tuple[str, dict[str, Any]]] = ("linear", {})
 
@@ -177,8 +186,12 @@ class Method(nn.Module):
         """
         return {}
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.predict(x)
+    def forward(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
+        """The loss terms of a training step: what DistributedDataParallel wraps and calls.
+
+        A method is a module that returns its losses; :meth:`predict` gives the logits.
+        """
+        return self.training_step(batches, epoch)
 
     # -- freezing -----------------------------------------------------------------------
     def freeze(self, *modules: nn.Module) -> None:

@@ -21,10 +21,18 @@ from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from longtail import parallel
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.losses import balanced_contrastive_loss
-from longtail.methods.base import Batches, Method, MethodOptions, Stage, register_method
+from longtail.methods.base import (
+    Batches,
+    Method,
+    MethodOptions,
+    Stage,
+    full_precision,
+    register_method,
+)
 from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
 from longtail.models import ProjectionMLP
 
@@ -97,12 +105,12 @@ class BCL(Method):
         views, y, _ = batches["views"]
         h_cls, *h_con = self.forward_views(list(views))
         logits = self.classifier(h_cls)
-        ce = F.cross_entropy(logits.float() + o.logit_adjust_tau * self.log_prior, y)
-        z = self.projector(torch.cat(h_con)).float()
-        centres = self.centres().float()
-        bcl = balanced_contrastive_loss(
-            z, y.repeat(len(h_con)), centres, o.temperature, block_size=o.block_size
-        )
+        ce = F.cross_entropy(full_precision(logits) + o.logit_adjust_tau * self.log_prior, y)
+        # in-batch: every process sees the global batch (view 1s, then view 2s, by process)
+        z = parallel.gather(full_precision(self.projector(torch.cat(h_con))))
+        labels = parallel.gather_detached(y.repeat(len(h_con)))
+        centres = full_precision(self.centres())
+        bcl = balanced_contrastive_loss(z, labels, centres, o.temperature, block_size=o.block_size)
         self.health.add(z, bcl, math.log(len(centres)))  # all targets alike: log C
         return {"loss": o.ce_weight * ce + o.bcl_weight * bcl, "ce": ce, "bcl": bcl}
 

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from longtail import parallel
 from longtail.config import Config, ModelConfig
 from longtail.data import SAMPLERS, TRANSFORMS, RunData
 from longtail.losses import mpsc_loss, psc_loss, sup_con_loss
-from longtail.methods.base import MethodOptions
+from longtail.methods.base import MethodOptions, full_precision
 from longtail.models import ProjectionMLP, PrototypeBank, build_classifier
 
 SamplerName = Annotated[str, AfterValidator(SAMPLERS.check)]
@@ -158,7 +159,7 @@ class FeatureBranch(nn.Module):
 
     def embed(self, h: Tensor) -> Tensor:
         """The L2-normalised embedding z of backbone features h (float32 even under autocast)."""
-        return self.projector(h).float()
+        return full_precision(self.projector(h))
 
     def forward(self, h: Tensor, labels: Tensor) -> Tensor:
         """The branch's loss on backbone features ``h`` (all views stacked) and their labels."""
@@ -166,11 +167,12 @@ class FeatureBranch(nn.Module):
         if o.loss == "ce":
             return F.cross_entropy(self.aux_classifier(h), labels)
         z = self.embed(h)
-        if o.loss == "sc":
+        if o.loss == "sc":  # in-batch: every process sees the global batch
+            z, labels = parallel.gather(z), parallel.gather_detached(labels)
             loss = sup_con_loss(z, labels, o.temperature, block_size=o.block_size)
             chance = math.log(z.shape[0] - 1)
         else:
-            protos = self.prototypes().float()
+            protos = full_precision(self.prototypes())
             classes, per_class = protos.shape[:2]
             chance = math.log((classes - 1) * per_class)
             if o.loss == "psc":

@@ -25,11 +25,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.ops import roi_align
 
+from longtail import parallel
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.losses import decoupled_contrastive_loss, pbsd_loss
 from longtail.losses.decoupled import EMPTY
-from longtail.methods.base import Batches, Method, MethodOptions, Stage, register_method
+from longtail.methods.base import (
+    Batches,
+    Method,
+    MethodOptions,
+    Stage,
+    full_precision,
+    register_method,
+)
 from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
 from longtail.methods.decoupled import (
     ClassifierStageOptions,
@@ -144,14 +152,18 @@ class DSCL(Method):
         o = self.opts
         (x_q, x_k), y, _ = batches["views"]
         fmap = self.backbone.forward_features(x_q)
-        q = self.head(self.backbone.forward_head(fmap)).float()
+        q = full_precision(self.head(self.backbone.forward_head(fmap)))
         with torch.no_grad():
-            k = self.key_head(self.key_backbone(x_k)).float()
+            k = full_precision(self.key_head(self.key_backbone(x_k)))
+        # The global batch on every process; the same keys join every process's queue.
+        q_all, k_all = parallel.gather(q), parallel.gather_detached(k)
+        y_all = parallel.gather_detached(y)
         dscl = decoupled_contrastive_loss(
-            q, k, y, self.queue, self.queue_labels, self.alpha, o.temperature
+            q_all, k_all, y_all, self.queue, self.queue_labels, self.alpha, o.temperature
         )
-        self._pending = (k.detach(), y.detach())
-        self.health.add(q, dscl, math.log(2 * len(q) - 1 + int((self.queue_labels >= 0).sum())))
+        self._pending = (k_all, y_all)
+        chance = math.log(2 * len(q_all) - 1 + int((self.queue_labels >= 0).sum()))
+        self.health.add(q_all, dscl, chance)
         terms = {"dscl": dscl}
         loss = dscl
         if o.pbsd_weight > 0:
@@ -176,12 +188,12 @@ class DSCL(Method):
         # Teacher: each box pooled (2 x 2, then averaged) from the query's feature map.
         with torch.no_grad():
             pooled = roi_align(
-                fmap.float(), rois, 2, spatial_scale=fmap.shape[-1] / width, aligned=True
+                full_precision(fmap), rois, 2, spatial_scale=fmap.shape[-1] / width, aligned=True
             )
-            teacher = self.head(pooled.mean(dim=(2, 3)).to(fmap.dtype)).float()
+            teacher = full_precision(self.head(pooled.mean(dim=(2, 3)).to(fmap.dtype)))
         # Student: the same box cut from the image, resized, through the query encoder.
-        crops = roi_align(x_q.float(), rois, o.patch_size, spatial_scale=1.0, aligned=True)
-        student = self.head(self.backbone(crops.to(x_q.dtype))).float()
+        crops = roi_align(full_precision(x_q), rois, o.patch_size, spatial_scale=1.0, aligned=True)
+        student = full_precision(self.head(self.backbone(crops.to(x_q.dtype))))
         shape = (n, o.patches, -1)
         return pbsd_loss(
             student.view(shape),

@@ -55,6 +55,7 @@ class Hybrid(Method):
 
     Options = HybridOptions
     opts: HybridOptions
+    skips_parameters = True  # a branch at weight 0 is not computed
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier

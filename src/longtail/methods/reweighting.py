@@ -32,7 +32,14 @@ from longtail.losses.classification import (
     logit_adjusted_loss,
     weighted_cross_entropy,
 )
-from longtail.methods.base import Batches, Method, MethodOptions, Stage, register_method
+from longtail.methods.base import (
+    Batches,
+    Method,
+    MethodOptions,
+    Stage,
+    full_precision,
+    register_method,
+)
 from longtail.methods.contrastive import SamplerName
 
 
@@ -93,7 +100,7 @@ class Reweighting(Method):
     def training_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         o = self.opts
         x, y, _ = batches["cls"]
-        out = self.classifier(self.backbone(x)).float()
+        out = full_precision(self.classifier(self.backbone(x)))
         weight = self.class_weights if self.weighted else None
         if o.loss == "focal":
             loss = focal_loss(out, y, o.gamma, weight)
