@@ -20,7 +20,9 @@ def test_every_loss_term_decreases(method, tmp_path):
     cfg = config_from_dict(
         {
             "name": method,
-            "method": {"name": method, "temperature": 0.1, "curriculum": "constant", "alpha": 0.5},
+            # tau 0.5: at 0.1 the prototype losses run far below zero on 720 images and drown
+            # the classifier branch (MPSC 0.20 top-1 after 4 epochs against 0.48 at 0.5)
+            "method": {"name": method, "temperature": 0.5, "curriculum": "constant", "alpha": 0.5},
             "data": {"dataset": "fashion-mnist", "ratio": 100, "n_max": 300, "image_size": 28},
             "model": {"backbone": "convnet-tiny", "projection_hidden": 64, "projection_dim": 32},
             "train": {"epochs": 4, "batch_size": 64, "device": "cpu"},
@@ -31,5 +33,5 @@ def test_every_loss_term_decreases(method, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for term in ("train/con", "train/ce", "train/loss"):
         assert rows[-1][term] < rows[0][term], (term, [r[term] for r in rows])
-    # 10 classes, chance 0.1; after 4 epochs on 720 images PSC sits near 0.28, SC near 0.35.
-    assert res["top1"] > 0.2
+    # 10 classes, chance 0.1; after 4 epochs on 720 images SC, PSC and MPSC reach 0.44-0.48.
+    assert res["top1"] > 0.3

@@ -208,7 +208,7 @@ def train(
     device = distributed.local_device(_device(cfg))
     seed_everything(cfg.seed)
     data = build_data(cfg)
-    data.pin_memory = device.type == "cuda"
+    data.pin_memory, data.device = device.type == "cuda", device
     method = build_method(cfg, data, device)
     from_run = getattr(method.opts, "from_run", None)
     if from_run and not resume:

@@ -34,6 +34,11 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=1)  # pixels, side of the network input
     val_split: str | None = None  # a split of the dataset used for "best" selection
     num_workers: int = Field(0, ge=0)  # loader processes; 0 loads in the training process
+    # Keep the training images on the training device and augment whole batches there when
+    # they fit (in-memory sets, folders up to fast_path_max_images) and every preset has a
+    # batched form; false: per-image loaders always.
+    fast_path: bool = True
+    fast_path_max_images: int = Field(200_000, ge=0)
 
     @field_validator("ratio")
     @classmethod

@@ -13,13 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as v2f
 
 from longtail import parallel
 from longtail.config import DataConfig
+from longtail.data.batch_augment import DeviceLoader, batch_preset
 from longtail.data.dataset import EpochKeys, LTDataset
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
-from longtail.data.sources import Source, load_source
+from longtail.data.sources import ArraySource, FileSource, Source, load_source
 from longtail.data.transforms import MultiView, build_transform
 from longtail.errors import DataError
 
@@ -36,6 +38,7 @@ class RunData:
         val_source: The validation split (None unless ``cfg.val_split``).
         seed: Seed of the samplers (the run's seed).
         pin_memory: Pin loader memory (for CUDA).
+        device: The training device (where the fast path keeps the images).
     """
 
     cfg: DataConfig
@@ -45,7 +48,9 @@ class RunData:
     val_source: Source | None
     seed: int = 0
     pin_memory: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _transforms: dict[str, Any] = field(default_factory=dict, repr=False)
+    _cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
@@ -166,16 +171,57 @@ class RunData:
                 f"a global batch of {batch_size} does not split over {world} processes; use a "
                 "multiple of the process count"
             )
-        if k_per_class:
-            batches = KPerClassBatchSampler(labels, batch_size, k_per_class, seed=self.seed)
-            return self._loader(dataset, batch_sampler=EpochKeys(batches.shard(rank, world)))
-        s = build_sampler(sampler, labels, seed=self.seed, **sampler_options)
-        if switch is not None:
-            then = build_sampler(switch[1], labels, seed=self.seed, **sampler_options)
-            s = SwitchingSampler(s, then, switch[0])
-        s.shard(rank, world, batch_size)
         local = batch_size // world
-        return self._loader(dataset, sampler=EpochKeys(s), batch_size=local, drop_last=True)
+        if k_per_class:
+            order: Any = KPerClassBatchSampler(labels, batch_size, k_per_class, seed=self.seed)
+            order.shard(rank, world)
+        else:
+            order = build_sampler(sampler, labels, seed=self.seed, **sampler_options)
+            if switch is not None:
+                then = build_sampler(switch[1], labels, seed=self.seed, **sampler_options)
+                order = SwitchingSampler(order, then, switch[0])
+            order.shard(rank, world, batch_size)
+        fast = self._fast_loader(transforms, order, local, batch_size, rank)
+        if fast is not None:
+            return fast
+        if k_per_class:
+            return self._loader(dataset, batch_sampler=EpochKeys(order))
+        return self._loader(dataset, sampler=EpochKeys(order), batch_size=local, drop_last=True)
+
+    # -- the fast path -------------------------------------------------------------------
+    def _fast_loader(
+        self, transforms: str | Sequence[str], order: Any, local: int, global_batch: int, rank: int
+    ) -> DeviceLoader | None:
+        if not self.cfg.fast_path:
+            return None
+        names = [transforms] if isinstance(transforms, str) else list(transforms)
+        src = self.train_source
+        presets = [
+            batch_preset(n, self.cfg.image_size, src.channels, src.mean, src.std, self.device)
+            for n in names
+        ]
+        if any(p is None for p in presets):
+            return None
+        cache = self.device_images()
+        if cache is None:
+            return None
+        chosen = presets[0] if isinstance(transforms, str) else presets
+        return DeviceLoader(*cache, order, local, global_batch, rank, chosen, self.seed)  # type: ignore[arg-type]
+
+    def device_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training images at the training size as one (N, C, H, W) uint8 tensor on the
+        device, and their labels; None when they do not fit the fast path (too many files,
+        sizes that are not square once resized)."""
+        if self._cache is None:
+            images = cached_images(
+                self.train_source, self.train_indices, self.cfg.image_size,
+                self.cfg.fast_path_max_images,
+            )  # fmt: skip
+            if images is None:
+                return None
+            labels = torch.as_tensor(self.train_labels, dtype=torch.long)
+            self._cache = (images.to(self.device), labels.to(self.device))
+        return self._cache
 
     def eval_loader(
         self, split: str = "test", batch_size: int = 256, transform: str = "test"
@@ -206,8 +252,35 @@ class RunData:
         )
 
 
+def cached_images(
+    source: Source, indices: np.ndarray, size: int, max_images: int
+) -> torch.Tensor | None:
+    """Images ``indices`` of ``source`` decoded once, resized (smaller side to ``size``, as
+    the per-image presets do first), as (N, C, size, size) uint8; None if not possible."""
+    if isinstance(source, ArraySource):
+        images = torch.from_numpy(source.images[indices])
+        images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        if images.shape[-2:] != (size, size):
+            if images.shape[-1] != images.shape[-2]:
+                return None
+            images = v2f.resize(images, [size], antialias=True)
+        return images.contiguous()
+    if not isinstance(source, FileSource) or len(indices) > max_images:
+        return None
+    decoded = []
+    for i in indices:
+        img = v2f.pil_to_tensor(source.load(int(i)))
+        img = v2f.resize(img, [size], antialias=True)
+        if img.shape[-2:] != (size, size):
+            return None  # not square: the per-image path crops each differently
+        decoded.append(img)
+    return torch.stack(decoded) if decoded else None
+
+
 def loader_sampler(loader: DataLoader) -> Any:
     """The object that orders a loader's epoch: its batch sampler or its sampler."""
+    if isinstance(loader, DeviceLoader):
+        return loader.sampler
     bs = loader.batch_sampler
     found = bs if hasattr(bs, "set_epoch") else loader.sampler
     return found.sampler if isinstance(found, EpochKeys) else found
@@ -215,7 +288,7 @@ def loader_sampler(loader: DataLoader) -> Any:
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Re-seed a loader's sampler for ``epoch`` (samplers are functions of seed and epoch)."""
-    for s in (loader.sampler, loader.batch_sampler):
+    for s in (loader.sampler, getattr(loader, "batch_sampler", None)):
         if hasattr(s, "set_epoch"):
             s.set_epoch(epoch)
 

@@ -1,0 +1,278 @@
+"""The fast data path: images resident on the training device, augmented a batch at a time.
+
+For data sets that fit in memory (CIFAR, Fashion-MNIST, small image folders) the images are
+decoded once, kept as one uint8 tensor on the training device, and each batch is augmented
+there with tensor operations, every image with its own random parameters: no per-image
+Python, no workers, no host-to-device copies. The random parameters of a batch come from a
+generator seeded by (seed, epoch, batch, view) and are drawn for the whole global batch, of
+which each process keeps its slice: the images do not depend on the number of processes,
+and a resumed run sees the same ones.
+
+The batched presets mirror the per-image ones of :mod:`longtail.data.transforms` (same
+operations and parameters; random draws differ); presets without a batched form (AutoAugment,
+RandAugment, blur, large-image crops) leave the run on the per-image path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from longtail.data.dataset import item_seed
+from longtail.data.samplers import KPerClassBatchSampler
+from longtail.data.transforms import SMALL_MAX
+
+GREY = (0.299, 0.587, 0.114)  # the luma weights torchvision's grayscale uses
+
+
+class Draw:
+    """Random numbers for a global batch, of which this process keeps its rows."""
+
+    def __init__(self, generator: torch.Generator, global_batch: int, rows: slice) -> None:
+        self.g, self.n, self.rows = generator, global_batch, rows
+
+    def uniform(self, low: float, high: float, *shape: int) -> Tensor:
+        u = torch.rand(self.n, *shape, generator=self.g, device=self.g.device)
+        return (low + (high - low) * u)[self.rows]
+
+    def chance(self, p: float) -> Tensor:
+        return self.uniform(0.0, 1.0) < p
+
+    def integers(self, high: int) -> Tensor:
+        return torch.randint(0, high, (self.n,), generator=self.g, device=self.g.device)[self.rows]
+
+
+Op = Callable[[Tensor, Draw], Tensor]
+
+
+def pad_crop(padding: int) -> Op:
+    """RandomCrop(size, padding): zero padding, then a window at a random offset."""
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        b, c, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        oy, ox = d.integers(2 * padding + 1), d.integers(2 * padding + 1)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        return padded[batch, chans, rows, cols]
+
+    return op
+
+
+def flip(x: Tensor, d: Draw) -> Tensor:
+    """RandomHorizontalFlip(0.5)."""
+    return torch.where(d.chance(0.5)[:, None, None, None], x.flip(-1), x)
+
+
+def resized_crop(size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> Op:
+    """RandomResizedCrop: a box of random area fraction and aspect ratio, resampled to
+    ``size`` (bilinear). Boxes that would not fit are clipped instead of redrawn."""
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        b, _, h, w = x.shape
+        area = h * w * d.uniform(*scale)
+        aspect = torch.exp(d.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        bw = torch.sqrt(area * aspect).clamp(1, w)
+        bh = torch.sqrt(area / aspect).clamp(1, h)
+        x0, y0 = d.uniform(0, 1) * (w - bw), d.uniform(0, 1) * (h - bh)
+        boxes = torch.stack(
+            [torch.arange(b, device=x.device, dtype=x.dtype), x0, y0, x0 + bw, y0 + bh], 1
+        )
+        return roi_align(
+            x, boxes.to(x.dtype), size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
+
+    return op
+
+
+def _grey(x: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(GREY, device=x.device, dtype=x.dtype)[None, :, None, None]
+    return (x * w).sum(1, keepdim=True)
+
+
+def grayscale(p: float) -> Op:
+    """RandomGrayscale(p) for RGB images (grey ones are left alone)."""
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        if x.shape[1] == 1:
+            return x
+        return torch.where(d.chance(p)[:, None, None, None], _grey(x).expand_as(x), x)
+
+    return op
+
+
+def _rgb_to_hsv(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    top, _ = x.max(1)
+    low, _ = x.min(1)
+    delta = top - low
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(
+        top == r,
+        ((g - b) / safe) % 6,
+        torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4),
+    )
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    sat = torch.where(top > 0, delta / torch.where(top > 0, top, torch.ones_like(top)), 0.0)
+    return torch.stack([hue, sat, top], 1)
+
+
+def _hsv_to_rgb(x: Tensor) -> Tensor:
+    h, s, v = x.unbind(1)
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k)).clamp(0, 1)
+
+
+def color_jitter(brightness: float, contrast: float, saturation: float, hue: float, p: float) -> Op:
+    """RandomApply([ColorJitter(...)], p): brightness, contrast, saturation, hue factors drawn
+    per image (applied in this order; torchvision draws the order per image)."""
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        on = d.chance(p)[:, None, None, None]
+        y = x
+        if brightness:
+            y = (y * d.uniform(1 - brightness, 1 + brightness)[:, None, None, None]).clamp(0, 1)
+        if contrast:
+            f = d.uniform(1 - contrast, 1 + contrast)[:, None, None, None]
+            mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
+            y = (f * y + (1 - f) * mean).clamp(0, 1)
+        if saturation and x.shape[1] == 3:
+            f = d.uniform(1 - saturation, 1 + saturation)[:, None, None, None]
+            y = (f * y + (1 - f) * _grey(y)).clamp(0, 1)
+        if hue and x.shape[1] == 3:
+            hsv = _rgb_to_hsv(y)
+            shift = d.uniform(-hue, hue)[:, None, None]
+            hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+            y = _hsv_to_rgb(hsv)
+        return torch.where(on, y, x)
+
+    return op
+
+
+@dataclass
+class BatchPreset:
+    """A batched augmentation preset: ops on float images in [0, 1], then normalisation."""
+
+    ops: list[Op]
+    mean: Tensor
+    std: Tensor
+
+    def __call__(self, images: Tensor, draw: Draw) -> Tensor:
+        x = images.float() / 255
+        for op in self.ops:
+            x = op(x, draw)
+        return (x - self.mean) / self.std
+
+
+def _jitter(channels: int) -> Op:
+    return color_jitter(0.4, 0.4, 0.4 if channels == 3 else 0, 0.1 if channels == 3 else 0, 0.8)
+
+
+# Batched forms of the small-image presets (the per-image Resize(size) is done once, when the
+# images are cached at the training size).
+BATCH_PRESETS: dict[str, Callable[[int, int], list[Op]]] = {
+    "test": lambda size, c: [],
+    "crop-flip": lambda size, c: [pad_crop(4), flip],
+    "hybrid": lambda size, c: [pad_crop(4), flip, grayscale(0.2)],
+    "hybrid-jitter": lambda size, c: [pad_crop(4), flip, _jitter(c), grayscale(0.2)],
+    "simclr": lambda size, c: [
+        resized_crop(size, (0.2, 1.0), (3 / 4, 4 / 3)),
+        flip,
+        _jitter(c),
+        grayscale(0.2),
+    ],
+}
+
+
+def batch_preset(
+    name: str,
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> BatchPreset | None:
+    """The batched form of preset ``name``, or None where there is none (per-image path)."""
+    if name not in BATCH_PRESETS or size > SMALL_MAX:
+        return None
+    shape = (1, channels, 1, 1)
+    return BatchPreset(
+        BATCH_PRESETS[name](size, channels),
+        torch.tensor(mean, device=device).view(shape),
+        torch.tensor(std, device=device).view(shape),
+    )
+
+
+class DeviceLoader:
+    """Batches of images already on the device, augmented there; a DataLoader's stand-in.
+
+    Yields ``(x, labels, indices)`` like the per-image loaders (x a list with one tensor per
+    view for a multi-view loader), with the same sampler, sharded the same way.
+
+    Args:
+        images: (N, C, H, W) uint8 images of the (long-tailed) training set, on the device.
+        labels: (N,) labels on the device.
+        sampler: An epoch sampler (indices) or k-per-class batch sampler (lists).
+        batch_size: Images per process per step.
+        global_batch: Images per step over all processes.
+        rank: This process's rank.
+        presets: One batched preset, or several for a multi-view batch.
+        seed: Seed of the augmentation draws.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        sampler: Any,
+        batch_size: int,
+        global_batch: int,
+        rank: int,
+        presets: BatchPreset | list[BatchPreset],
+        seed: int,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.sampler, self.batch_size, self.global_batch = sampler, batch_size, global_batch
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.presets, self.seed = presets, seed
+        self.batched = isinstance(sampler, KPerClassBatchSampler)  # yields lists, not indices
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) if self.batched else len(self.sampler) // self.batch_size
+
+    def _batches(self) -> Iterator[Tensor]:
+        order = list(self.sampler)
+        if self.batched:
+            for batch in order:
+                yield torch.as_tensor(batch)
+            return
+        flat = torch.as_tensor(order)
+        for b in range(len(self)):
+            yield flat[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
+        epoch, device = self.sampler.epoch, self.images.device
+        views = self.presets if isinstance(self.presets, list) else [self.presets]
+        for b, idx in enumerate(self._batches()):
+            on_device = idx.to(device)
+            x = self.images[on_device]
+            out = []
+            for v, preset in enumerate(views):
+                g = torch.Generator(device=device)
+                g.manual_seed(item_seed(self.seed, epoch, b * 64 + v))
+                out.append(preset(x, Draw(g, self.global_batch, self.rows)))
+            images = out if isinstance(self.presets, list) else out[0]
+            yield images, self.labels[on_device], idx
