@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,9 @@ def main() -> None:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
+    results["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     results["budget"] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -162,7 +166,8 @@ def write_table(results: dict, path: Path) -> None:
     b, hw = results["budget"], results["hardware"]
     lines = [
         f"Budget run: dataset `{b['dataset']}` (ratio 100, overrides {b['overrides']}), "
-        f"{b['epochs']} epochs, batch {b['batch_size']} per branch; {hw['cpu']}, "
+        f"{b['epochs']} epochs, batch {b['batch_size']} per branch; commit "
+        f"{results.get('commit', '?')}; {hw['cpu']}, "
         f"{hw['cores']} cores, CUDA: {hw['cuda']}, torch {hw['torch']}. Accuracies: last epoch, "
         "full balanced test set; means over training seeds (same long-tailed subset).",
         "",

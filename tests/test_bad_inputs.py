@@ -218,6 +218,8 @@ CASES = [
          skip=_cuda_visible),
     Case("device-name", "a device that does not exist", ["train", "--set", "train.device=tpu"],
          2, ["train.device", "not a device"]),
+    Case("sync-bn-cpu", "SyncBatchNorm on the CPU", ["train", *FM, "--set", "train.device=cpu",
+         "--set", "train.sync_bn=true"], 2, ["train.sync_bn", "CUDA"], setup=_fm),
     Case("folder-without-root", "an image folder dataset without its folder",
          ["train", "--set", "data.dataset=folder"], 2, ["data", "needs root"]),
     Case("dataset-options", "list files given to a dataset that takes none",

@@ -206,10 +206,19 @@ def train(
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = distributed.local_device(_device(cfg))
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise UsageError(
+            "config key 'train.sync_bn': PyTorch's SyncBatchNorm runs on CUDA devices only; "
+            "set it to false on the CPU"
+        )
     seed_everything(cfg.seed)
     data = build_data(cfg)
     data.pin_memory, data.device = device.type == "cuda", device
     method = build_method(cfg, data, device)
+    if cfg.train.sync_bn:
+        method = distributed.sync_batch_norm(method)
+    if cfg.train.compile:  # the module stays as it is (its state_dict keys unchanged)
+        method.backbone.forward = torch.compile(method.backbone.forward)
     from_run = getattr(method.opts, "from_run", None)
     if from_run and not resume:
         load_first_stage(method, cfg, Path(from_run).expanduser())

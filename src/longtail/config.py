@@ -91,7 +91,9 @@ class TrainConfig(_Strict):
     test_transform: str = "test"
     eval_every: int = Field(0, ge=0)  # epochs between test evaluations; 0 = only the last
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = False  # bfloat16 autocast on CUDA
+    amp: bool = False  # bfloat16 autocast on CUDA (losses still computed in float32)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
+    compile: bool = False  # torch.compile the backbone's forward (first steps slower)
     channels_last: bool = True  # NHWC memory format: +26% images/s for ResNet-32 on this CPU
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
     log_every: int = Field(50, ge=1)  # steps between progress updates

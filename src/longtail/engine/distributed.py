@@ -80,6 +80,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sync_batch_norm(method: nn.Module) -> nn.Module:
+    """BatchNorm layers that share their batch statistics over all processes (torchrun)."""
+    if not parallel.is_distributed():
+        return method
+    return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+
+
 def wrap(method: nn.Module, device: torch.device) -> nn.Module:
     """The method inside DistributedDataParallel (gradients averaged over the processes).
 
