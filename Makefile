@@ -34,7 +34,7 @@ fashion-mnist: install
 
 demo: install fashion-mnist
 	$(BIN)/longtail train --config $(DEMO_CONFIG) --out $(DEMO_OUT)
-	@echo "results: $(DEMO_OUT)/eval_test.json, per-epoch log: $(DEMO_OUT)/metrics.jsonl"
+	@echo "results: $(DEMO_OUT)/eval_test.json, per-epoch log: $(DEMO_OUT)/metrics.jsonl, report: $(DEMO_OUT)/report.html"
 
 test: install-dev
 	$(BIN)/python -m pytest -q

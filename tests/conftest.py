@@ -69,7 +69,14 @@ def tiny_config(root: pathlib.Path, **sections) -> dict:
         "method": {"name": "ce"},
         "data": {"dataset": "fashion-mnist", "root": str(root), "ratio": 4, "image_size": 28},
         "model": {"backbone": "convnet-tiny", "projection_hidden": 32, "projection_dim": 16},
-        "train": {"epochs": 1, "batch_size": 16, "transform": "crop-flip", "device": "cpu"},
+        # Reports cost seconds of plotting per run; tests/test_outputs.py checks them.
+        "train": {
+            "epochs": 1,
+            "batch_size": 16,
+            "transform": "crop-flip",
+            "device": "cpu",
+            "report": False,
+        },
         "optim": {"lr": 0.05, "milestones": [], "weight_decay": 0.0},
     }
     for k, v in sections.items():
@@ -167,7 +174,7 @@ def folder_config(root: pathlib.Path, **sections) -> dict:
             "val_split": "val",
         },
         "model": {"backbone": "convnet-tiny", "projection_hidden": 32, "projection_dim": 16},
-        "train": {"epochs": 8, "batch_size": 8, "device": "cpu"},
+        "train": {"epochs": 8, "batch_size": 8, "device": "cpu", "report": False},
         "optim": {"lr": 0.05, "milestones": [6], "weight_decay": 5e-4},
     }
     for k, v in sections.items():

@@ -26,9 +26,12 @@ LAYERS = {
     "longtail.methods": 3,
     "longtail.engine": 4,
     "longtail.build": 5,
-    "longtail.api": 6,
-    "longtail.cli": 7,
-    "longtail.__main__": 8,
+    "longtail.runs": 6,
+    "longtail.reporting": 7,
+    "longtail.api": 8,
+    "longtail.deploy": 8,
+    "longtail.cli": 9,
+    "longtail.__main__": 10,
 }
 
 

@@ -392,6 +392,33 @@ CASES = [
     Case("json-invalid", "a JSON file that does not parse", ["data", "stats", "{tmp}/ann.json"],
          1, ["ann.json", "cannot read annotation file"],
          setup=lambda t: (t / "ann.json").write_text("{not json"), kind="data"),
+    Case("report-not-run", "report on a folder that is not a run", ["report", "{tmp}"], 2,
+         ["config.yaml is missing"], kind="outputs"),
+    Case("compare-no-eval", "compare a run without its test evaluation",
+         ["compare", "{tmp}/run"], 2, ["eval_test.json", "longtail evaluate"],
+         setup=lambda t: (_run(t) / "eval_test.json").unlink(), kind="outputs"),
+    Case("predict-missing", "predict on a path that does not exist",
+         ["predict", "{tmp}/run", "{tmp}/nope.png"], 2, ["nope.png", "does not exist"],
+         setup=_run, kind="outputs"),
+    Case("predict-no-images", "predict on a folder without images",
+         ["predict", "{tmp}/run", "{tmp}/run/checkpoints"], 2, ["no images found"],
+         setup=_run, kind="outputs"),
+    Case("predict-truncated", "predict on a truncated image",
+         ["predict", "{tmp}/run", "{tmp}/cut.png"], 1, ["cut.png", "cannot read image"],
+         setup=lambda t: (_run(t), (t / "cut.png").write_bytes(_truncated("PNG"))),
+         kind="outputs"),
+    Case("predict-top-k", "predict with --top-k 0", ["predict", "{tmp}/run", "{tmp}/a.png",
+         "--top-k", "0"], 2, ["--top-k"], setup=lambda t: (_run(t), _png(t / "a.png")),
+         kind="outputs"),
+    Case("predict-out-dir", "predict --out naming a folder",
+         ["predict", "{tmp}/run", "{tmp}/a.png", "--out", "{tmp}"], 2, ["--out", "directory"],
+         setup=lambda t: (_run(t), _png(t / "a.png")), kind="outputs"),
+    Case("export-format", "export to an unknown format",
+         ["export", "{tmp}/run", "--format", "tflite"], 2, ["tflite", "onnx, torchscript"],
+         setup=_run, kind="outputs"),
+    Case("export-not-trained", "export a run that has no checkpoint",
+         ["export", "{tmp}/run"], 2, ["no checkpoint", "train it first"],
+         setup=lambda t: _run(t, started=False), kind="outputs"),
     Case("stats-unknown-format", "a path of an unknown format",
          ["data", "stats", "{tmp}/data.csv"], 1, ["data.csv", "cannot tell the format"],
          setup=lambda t: (t / "data.csv").write_text("a,b\n"), kind="data"),
@@ -459,7 +486,13 @@ def render_docs(tmp_root: Path) -> str:
         "folder the case ran in.",
         "",
     ]
-    kinds = {"config": "Config", "run": "Run directories", "flags": "Flags", "data": "Data"}
+    kinds = {
+        "config": "Config",
+        "run": "Run directories",
+        "flags": "Flags",
+        "data": "Data",
+        "outputs": "Reports, predictions, exports",
+    }
     for kind, title in kinds.items():
         lines += [f"## {title}", "", "| case | exit | message |", "|---|---|---|"]
         for i, case in enumerate(c for c in CASES if c.kind == kind):

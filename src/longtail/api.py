@@ -1,9 +1,8 @@
-"""Training and evaluating run directories: what ``longtail train`` and ``evaluate`` do.
+"""Training a run directory: what ``longtail train`` does.
 
-A run directory holds ``config.yaml`` (the resolved config), ``data.json`` (class counts and
-shot groups), ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/last.pt`` (and ``best.pt``
-with a validation split) and ``eval_<split>.json``. The config, the data and the model are
-checked before the directory is created.
+The config, the data and the model are checked before the directory is created; when
+training ends the last epoch is evaluated on the test split and the report is written.
+Reading finished runs lives in :mod:`longtail.runs`; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,130 +14,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from longtail.build import build_data, build_method, config_key, validate
-from longtail.config import Config, config_from_dict, dump_config
-from longtail.data import RunData
+from longtail.build import build_data, build_method, validate
+from longtail.config import Config, dump_config
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
-from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
-from longtail.engine.trainer import (
-    evaluate,
-    fit,
-    resolve_device,
-    seed_everything,
-)
-from longtail.errors import LongtailError, UsageError
-from longtail.evaluation import shot_groups
+from longtail.engine.run_dir import RunDir
+from longtail.engine.trainer import fit, seed_everything
+from longtail.errors import UsageError
 from longtail.methods import Method
-
-
-def _device(cfg: Config) -> torch.device:
-    with config_key("train.device"):
-        return resolve_device(cfg.train.device)
-
-
-def read_run_config(out: Path) -> Config:
-    """The validated config a run directory was trained with."""
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise UsageError(f"{out} is not a run directory: {path} is missing")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LongtailError(f"{path} is not valid YAML ({type(e).__name__})") from None
-    return validate(config_from_dict(raw))
-
-
-def data_summary(cfg: Config, data: RunData) -> dict[str, Any]:
-    """What ``data.json`` records: the training set's classes, counts and shot groups."""
-    counts = data.counts.tolist()
-    return {
-        "dataset": cfg.data.dataset,
-        "ratio": cfg.data.ratio,
-        "profile": cfg.data.profile,
-        "num_classes": data.num_classes,
-        "classes": data.classes,
-        "counts": counts,
-        "total": len(data),
-        "groups": shot_groups(counts),
-    }
-
-
-# Settings that may differ between the run that wrote a checkpoint and the one that reads it:
-# where the data lives and how this machine runs, not what is trained.
-MACHINE_KEYS = frozenset(
-    {
-        "data.root",
-        "data.files",
-        "data.num_workers",
-        "train.device",
-        "train.threads",
-        "train.log_every",
-        "train.eval_every",
-    }
+from longtail.reporting import report_run
+from longtail.runs import (
+    RunInfo,
+    _state_mismatch,
+    check_checkpoint,
+    config_device,
+    data_summary,
+    evaluate_run,
+    load_run,
+    read_run_config,
+    read_run_info,
 )
 
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v and key not in MACHINE_KEYS:
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Method) -> None:
-    """Load the checkpoint's weights into ``method``, after checking that it comes from this
-    config and fits this method's modules."""
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-        raise LongtailError(f"{path} is not a longtail checkpoint")
-    saved = ckpt.get("config")
-    if isinstance(saved, dict):
-        a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
-        differ = sorted(
-            k for k in a.keys() | b.keys() if k not in MACHINE_KEYS and a.get(k) != b.get(k)
-        )
-        if differ:
-            k = differ[0]
-            raise LongtailError(
-                f"checkpoint {path} was written with another config: {k} is {a.get(k)!r} there "
-                f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
-            )
-    mismatch = _state_mismatch(method.state_dict(), ckpt["model"])
-    if mismatch:
-        raise LongtailError(
-            f"checkpoint {path} does not fit the model of config.yaml ({mismatch}); it was "
-            "written by another config"
-        )
-    method.load_state_dict(ckpt["model"])
-
-
-def _state_mismatch(expected: dict[str, Any], given: Any) -> str:
-    """What keeps ``given`` from loading as ``expected`` (a state dict), or ''."""
-    if not isinstance(given, dict):
-        return "it holds no weights"
-    missing = [k for k in expected if k not in given]
-    extra = [k for k in given if k not in expected]
-    shapes = [
-        k
-        for k in expected
-        if k in given
-        and hasattr(given[k], "shape")
-        and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    parts = [
-        f"{len(keys)} {what} (first {keys[0]})"
-        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "of other shape"))
-        if keys
-    ]
-    return ", ".join(parts)
+__all__ = [
+    "RunInfo",
+    "check_checkpoint",
+    "evaluate_run",
+    "load_run",
+    "read_run_config",
+    "read_run_info",
+    "report_run",
+    "train",
+]
 
 
 def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
@@ -205,7 +112,7 @@ def train(
     distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = distributed.local_device(_device(cfg))
+    device = distributed.local_device(config_device(cfg))
     if cfg.train.sync_bn and device.type != "cuda":
         raise UsageError(
             "config key 'train.sync_bn': PyTorch's SyncBatchNorm runs on CUDA devices only; "
@@ -247,43 +154,7 @@ def train(
             ckpt = load_checkpoint(run.last, map_location=device)
             check_checkpoint(ckpt, cfg, run.last, method)
         fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
-        return evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
-
-
-def evaluate_run(
-    out: str | Path,
-    *,
-    checkpoint: str = "last",
-    split: str = "test",
-    cfg: Config | None = None,
-    method: Method | None = None,
-    data: RunData | None = None,
-    device: torch.device | None = None,
-    save: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a run directory's checkpoint on ``split``; writes ``eval_<split>.json``.
-
-    ``cfg``, ``method``, ``data`` and ``device`` skip rebuilding what the caller holds (the
-    method with the weights to evaluate).
-    """
-    out = Path(out)
-    cfg = cfg or read_run_config(out)
-    device = device or _device(cfg)
-    data = data or build_data(cfg)
-    if split == "val" and data.val_source is None:
-        raise UsageError(
-            f"{cfg.data.dataset} has no validation split configured (config key data.val_split)"
-        )
-    if method is None:
-        method = build_method(cfg, data, device)
-        path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
-        ckpt = load_checkpoint(path, map_location=device)
-        check_checkpoint(ckpt, cfg, path, method)
-        epoch = ckpt["epoch"] + 1
-    else:
-        epoch = sum(s.epochs for s in method.stages())
-    res, _, _ = evaluate(method, data, split, device, cfg.train)
-    res = {"split": split, "checkpoint": checkpoint, "epoch": epoch, **res}
-    if save and distributed.is_main():
-        atomic_write_bytes(out / f"eval_{split}.json", json.dumps(res, indent=1).encode())
-    return res
+        res = evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
+        if cfg.train.report:
+            report_run(run.path, cfg=cfg, method=method, data=data, device=device, evaluation=res)
+        return res

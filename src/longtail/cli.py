@@ -29,11 +29,13 @@ from longtail.data import (
     load_source,
 )
 from longtail.data import download as download_dataset
+from longtail.deploy import EXPORT_FORMATS, export_run, predict_images, write_predictions_csv
 from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
 from longtail.errors import DataError, LongtailError, UsageError
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
+from longtail.reporting import compare_row, format_table, report_run
 
 
 class Interrupted(LongtailError):
@@ -103,6 +105,8 @@ def train(
         )
         print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
         print(f"run directory: {out}")
+        if (out / "report.html").is_file():
+            print(f"report: {out / 'report.html'}")
     distributed.exit_process(0)
 
 
@@ -118,8 +122,7 @@ def evaluate(
         raise UsageError(f"--checkpoint {checkpoint!r}: use last or best")
     if split not in ("test", "val"):
         raise UsageError(f"--split {split!r}: use test or val")
-    if not run_dir.is_dir():
-        raise UsageError(f"run directory {run_dir} does not exist")
+    _check_run_dir(run_dir)
     res = evaluate_run(run_dir, checkpoint=checkpoint, split=split)
     if as_json:
         _print_json({k: v for k, v in res.items() if k != "confusion"})
@@ -129,6 +132,23 @@ def evaluate(
         if res[g] is not None:
             print(f"  {g:<6} {res[g]:.4f}")
     print(f"  ECE    {res['ece']:.4f}")
+    print(_per_class_table(res["classes"], res["train_counts"], res["per_class"], "test accuracy"))
+
+
+def _per_class_table(
+    classes: list[str], counts: list[int], values: list[float] | None, what: str
+) -> str:
+    """Classes head to tail: name, training images and (optionally) a value per class."""
+    order = sorted(range(len(classes)), key=lambda c: (-counts[c], c))
+    width = max(len("class"), *(len(c) for c in classes))
+    head = f"  {'class':<{width}}  {'train':>7}" + (f"  {what}" if values is not None else "")
+    lines = [head]
+    for c in order:
+        line = f"  {classes[c]:<{width}}  {counts[c]:>7}"
+        if values is not None:
+            line += f"  {values[c]:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 @app.command()
@@ -190,6 +210,7 @@ def data_stats(
     counts = data.counts.tolist()
     stats = {
         "num_classes": data.num_classes,
+        "classes": data.classes,
         "counts": counts,
         "total": int(sum(counts)),
         "groups": shot_groups(counts),
@@ -201,6 +222,76 @@ def data_stats(
     print(f"  largest {max(counts)}, smallest {min(counts)}")
     for g, members in stats["groups"].items():
         print(f"  {g:<6} {len(members)} classes")
+    print(_per_class_table(data.classes, counts, None, ""))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a directory written by `longtail train`")],
+) -> None:
+    """Write report.html and plots/ for a run (training writes them too, at the end)."""
+    _check_run_dir(run_dir)
+    page = report_run(run_dir)
+    print(f"report: {page}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="a markdown table")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One table of runs: method, data, epochs, top-1, many/medium/few, ECE, wall time."""
+    for d in run_dirs:
+        _check_run_dir(d)
+    rows = [compare_row(d) for d in run_dirs]
+    if as_json:
+        _print_json(rows)
+        return
+    print(format_table(rows, markdown=markdown))
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a directory written by `longtail train`")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+    out: Annotated[Path | None, typer.Option(help="write a CSV here instead of printing")] = None,
+    top_k: Annotated[int, typer.Option(help="most probable classes to list")] = 5,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Classify images with a trained run (its evaluation preprocessing)."""
+    _check_run_dir(run_dir)
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a CSV file's path")
+    rows = predict_images(run_dir, images, top_k=top_k)
+    if out is not None:
+        write_predictions_csv(rows, out)
+        print(f"{len(rows)} predictions written to {out}")
+    elif as_json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            others = ", ".join(f"{n} {q:.3f}" for n, q in r["top"][1:])
+            print(f"{r['path']}\t{r['class']}\t{r['probability']:.4f}\t{others}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a directory written by `longtail train`")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="model file (default RUN_DIR/export/)")] = None,
+) -> None:
+    """Export a run's model with its class names and preprocessing (a .json beside it)."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    _check_run_dir(run_dir)
+    path = export_run(run_dir, fmt, out)
+    print(f"model: {path}\nclasses and preprocessing: {path.with_name(path.name + '.json')}")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} does not exist")
 
 
 @data_app.command("download")

@@ -97,6 +97,7 @@ class TrainConfig(_Strict):
     channels_last: bool = True  # NHWC memory format: +26% images/s for ResNet-32 on this CPU
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default
     log_every: int = Field(50, ge=1)  # steps between progress updates
+    report: bool = True  # write report.html and plots/ when training ends
     # A step whose loss terms are not finite: stop (keeping the last checkpoint), or skip it
     # (no update; BatchNorm statistics restored) at the cost of a device sync per step.
     nonfinite: Literal["stop", "skip"] = "stop"

@@ -12,6 +12,7 @@ from longtail.evaluation import (
     evaluate_logits,
     expected_calibration_error,
     per_class_accuracy,
+    reliability_bins,
     shot_groups,
     topk_accuracy,
 )
@@ -105,6 +106,19 @@ def test_ece_bins_are_right_closed():
     assert expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(0.625)
 
 
+def test_reliability_bins_hand_computed():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    labels = torch.tensor([0, 1, 1, 0])
+    bins = reliability_bins(probs, labels, n_bins=2)
+    assert bins["edges"] == [0.0, 0.5, 1.0]
+    assert bins["count"] == [0, 4]
+    assert bins["accuracy"] == [None, pytest.approx(0.5)]
+    assert bins["confidence"] == [None, pytest.approx((0.9 + 0.8 + 0.7 + 0.55) / 4)]
+    # ECE is the count-weighted gap of the same bins.
+    ece = expected_calibration_error(probs, labels, n_bins=2)
+    assert ece == pytest.approx(abs(0.5 - (0.9 + 0.8 + 0.7 + 0.55) / 4))
+
+
 def test_ece_perfect_and_worst():
     one_hot = torch.eye(3)
     assert expected_calibration_error(one_hot, torch.tensor([0, 1, 2])) == 0.0
@@ -158,9 +172,15 @@ def test_evaluate_logits_hand_computed():
     assert result["confusion"] == [[2, 0, 0], [0, 1, 1], [1, 0, 0]]
     assert result["num_samples"] == 5
     assert set(result) == {
-        "top1", "top5", "per_class", "many", "medium", "few", "ece", "nll", "confusion",
-        "num_samples",
+        "top1", "top5", "per_class", "many", "medium", "few", "ece", "reliability", "nll",
+        "confusion", "num_samples",
     }  # fmt: skip
+    bins = result["reliability"]
+    full = [i for i, c in enumerate(bins["count"]) if c]
+    assert [bins["count"][i] for i in full] == [5]  # every sample has confidence p_max
+    assert bins["accuracy"][full[0]] == pytest.approx(0.6)
+    assert bins["confidence"][full[0]] == pytest.approx(p_max)
+    assert bins["edges"][full[0]] < p_max <= bins["edges"][full[0] + 1]
 
 
 def test_evaluate_logits_top5_groups_and_json():

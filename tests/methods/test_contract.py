@@ -236,6 +236,19 @@ def test_prediction_is_the_classifier_branch(name, tiny_fmnist):
             assert not torch.allclose(aux(method.backbone(x)), expected)
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_representation_is_one_vector_per_image(name, tiny_fmnist):
+    section = method_section(name, val_split=False)
+    _, method = _built(tiny_config(tiny_fmnist, method=section, train={"epochs": 8}))
+    x = _fixed_batches()["cls"][0]
+    method.eval()
+    with torch.no_grad():
+        h = method.representation(x)
+        assert h.shape[0] == x.shape[0] and h.dim() == 2 and torch.isfinite(h).all()
+        if METHODS.get(name).predict is Method.predict:
+            torch.testing.assert_close(method.classify(h), method.predict(x), rtol=0, atol=0)
+
+
 # --- samplers, schedules, seeds --------------------------------------------------------------
 
 

@@ -224,9 +224,14 @@ class RunData:
         return self._cache
 
     def eval_loader(
-        self, split: str = "test", batch_size: int = 256, transform: str = "test"
+        self,
+        split: str = "test",
+        batch_size: int = 256,
+        transform: str = "test",
+        indices: np.ndarray | None = None,
     ) -> DataLoader:
-        """Every image of ``split`` once, in order (``train``: the long-tailed subset).
+        """Every image of ``split`` once, in order (``train``: the long-tailed subset), or
+        the images ``indices`` of the split.
 
         Under several processes each takes every ``world_size``-th image (no padding, so
         no image counts twice); the engine gathers the predictions.
@@ -236,8 +241,9 @@ class RunData:
         ]
         if source is None:
             raise DataError(f"{self.cfg.dataset} has no {split!r} split loaded for evaluation")
-        indices = self.train_indices if split == "train" else np.arange(len(source))
-        indices = indices[parallel.rank() :: parallel.world_size()]
+        if indices is None:
+            indices = self.train_indices if split == "train" else np.arange(len(source))
+        indices = np.asarray(indices)[parallel.rank() :: parallel.world_size()]
         dataset = LTDataset(source, indices, self.transform(transform))
         return self._loader(dataset, batch_size=batch_size, shuffle=False)
 

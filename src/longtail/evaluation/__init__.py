@@ -6,6 +6,7 @@ from longtail.evaluation.metrics import (
     evaluate_logits,
     expected_calibration_error,
     per_class_accuracy,
+    reliability_bins,
     shot_groups,
     topk_accuracy,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "evaluate_logits",
     "expected_calibration_error",
     "per_class_accuracy",
+    "reliability_bins",
     "shot_groups",
     "topk_accuracy",
 ]

@@ -111,19 +111,19 @@ def per_class_accuracy(preds: ArrayLike, labels: ArrayLike, num_classes: int) ->
         return np.where(support > 0, np.diag(cm) / support, np.nan)
 
 
-def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-1 prediction (Guo et al. 2017).
+def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, list]:
+    """Top-1 confidence against accuracy in ``n_bins`` equal-width confidence bins.
 
-    Samples are put in ``n_bins`` equal-width bins ``((b-1)/B, b/B]`` by their confidence (the max
-    probability); ECE is ``sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``.
+    Samples are put in the bins ``((b-1)/B, b/B]`` by their confidence (the max probability).
 
     Args:
         probs: ``(N, C)`` class probabilities (e.g. a softmax).
         labels: ``(N,)`` true class indices.
-        n_bins: Number of confidence bins.
+        n_bins: Number of bins.
 
     Returns:
-        The ECE in ``[0, 1]``.
+        ``{"edges": B + 1 bin edges, "count": samples per bin, "accuracy": mean correctness
+        per bin, "confidence": mean confidence per bin}``; the means are None for empty bins.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be positive, got {n_bins}")
@@ -135,12 +135,42 @@ def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int 
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # side="left" puts a confidence equal to an edge in the bin that edge closes (right-closed).
     bins = np.clip(np.searchsorted(edges, conf_np, side="left") - 1, 0, n_bins - 1)
-    gap = np.abs(
-        np.bincount(bins, weights=correct, minlength=n_bins)
-        - np.bincount(bins, weights=conf_np, minlength=n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    hits = np.bincount(bins, weights=correct, minlength=n_bins)
+    confs = np.bincount(bins, weights=conf_np, minlength=n_bins)
+    return {
+        "edges": [float(e) for e in edges],
+        "count": [int(c) for c in count],
+        "accuracy": [float(h / c) if c else None for h, c in zip(hits, count, strict=True)],
+        "confidence": [float(s / c) if c else None for s, c in zip(confs, count, strict=True)],
+    }
+
+
+def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-1 prediction (Guo et al. 2017).
+
+    ECE is ``sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` over the bins of
+    :func:`reliability_bins`.
+
+    Args:
+        probs: ``(N, C)`` class probabilities (e.g. a softmax).
+        labels: ``(N,)`` true class indices.
+        n_bins: Number of confidence bins.
+
+    Returns:
+        The ECE in ``[0, 1]``.
+    """
+    bins = reliability_bins(probs, labels, n_bins)
+    total = sum(bins["count"])
+    # |B|/N * |acc - conf|; empty bins contribute 0.
+    return float(
+        sum(
+            c * abs(a - f)
+            for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)
+            if c
+        )
+        / total
     )
-    # |B|/N * |acc - conf| = |sum(correct) - sum(conf)| / N; empty bins contribute 0.
-    return float(gap.sum() / conf_np.size)
 
 
 def shot_groups(train_counts: ArrayLike, many: int = 100, few: int = 20) -> dict[str, list[int]]:
@@ -186,8 +216,8 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
         A JSON-friendly dict of plain Python values: ``top1``; ``top5`` (None if ``C < 5``);
         ``per_class`` (NaN for classes absent from ``labels``); ``many``/``medium``/``few`` (mean
         per-class accuracy over the group's classes present in ``labels``, None if there are none);
-        ``ece``; ``nll`` (mean negative log-likelihood); ``confusion`` (rows = true class);
-        ``num_samples``.
+        ``ece`` and its ``reliability`` bins; ``nll`` (mean negative log-likelihood);
+        ``confusion`` (rows = true class); ``num_samples``.
 
     Raises:
         ValueError: On mismatched shapes or if ``train_counts`` does not have ``C`` entries.
@@ -210,7 +240,9 @@ def evaluate_logits(logits: ArrayLike, labels: ArrayLike, train_counts: ArrayLik
     }
     for name in SHOT_GROUP_NAMES:
         result[name] = _group_mean(per_class, groups[name])
+    reliability = reliability_bins(log_probs.exp(), target)
     result["ece"] = expected_calibration_error(log_probs.exp(), target)
+    result["reliability"] = reliability
     result["nll"] = F.nll_loss(log_probs, target).item()
     result["confusion"] = confusion_matrix(preds, target, num_classes).tolist()
     result["num_samples"] = int(target.shape[0])

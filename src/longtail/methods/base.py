@@ -169,6 +169,10 @@ class Method(nn.Module):
         """Logits used for evaluation."""
         return self.classify(self.backbone(x))
 
+    def representation(self, x: Tensor) -> Tensor:
+        """The representation the classifier reads (what the report's embedding plots)."""
+        return self.backbone(x)
+
     def classify(self, h: Tensor) -> Tensor:
         """Logits of backbone features (what a classifier stage trains through)."""
         return self.classifier(h)

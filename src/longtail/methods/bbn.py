@@ -91,6 +91,9 @@ class BBN(Method):
     def predict(self, x: Tensor) -> Tensor:
         return self.mix(*self.branches(x, x), 0.5)
 
+    def representation(self, x: Tensor) -> Tensor:
+        return torch.cat(self.branches(x, x), dim=1)
+
     def scalars(self) -> dict[str, float]:
         return {"alpha": self.alpha}
 

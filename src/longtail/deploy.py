@@ -1,0 +1,197 @@
+"""Using a trained run on new images: ``longtail predict`` and ``longtail export``.
+
+Both need only the run directory (config, ``data.json``, checkpoint), not the data set the
+run was trained on: class names and the images' preprocessing are in ``data.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from longtail.data import build_transform
+from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
+from longtail.errors import DataError, UsageError
+from longtail.methods import Method
+from longtail.runs import RunInfo, load_run
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files among ``paths``: files as given, folders searched recursively (sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+            )
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise UsageError(f"{p} does not exist; give image files or folders of images")
+    if not found:
+        raise UsageError(
+            f"no images found in {', '.join(map(str, paths))} (extensions: "
+            f"{', '.join(IMG_EXTENSIONS)})"
+        )
+    return found
+
+
+def open_image(path: Path, channels: int) -> Image.Image:
+    """The image at ``path`` in the run's mode (grey or RGB), fully decoded."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, naming the file
+            return im.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class Predictor(nn.Module):
+    """A trained method's ``predict`` as a plain module: normalised images in, logits out."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.method.predict(x)
+
+
+def predict_images(
+    run_dir: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    checkpoint: str = "last",
+) -> list[dict[str, Any]]:
+    """Class predictions of a run's model for image files (or folders of them).
+
+    Images get the run's evaluation preprocessing (``data.json``'s ``preprocess``).
+
+    Returns:
+        One dict per image: ``path``, ``class``, ``probability`` and ``top`` (the ``top_k``
+        most probable classes as ``[name, probability]`` pairs).
+    """
+    if top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    files = find_images(paths)
+    cfg, method, info = load_run(run_dir, checkpoint)
+    transform = build_transform(info.transform, info.image_size, info.channels, info.mean, info.std)
+    device = next(method.parameters()).device
+    k = min(top_k, info.num_classes)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        x = torch.stack([transform(open_image(f, info.channels)) for f in batch]).to(device)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            probs = method.predict(x).float().softmax(dim=1).cpu()
+        p, c = probs.topk(k, dim=1)
+        for f, pi, ci in zip(batch, p.tolist(), c.tolist(), strict=True):
+            top = [[info.classes[j], q] for j, q in zip(ci, pi, strict=True)]
+            rows.append({"path": str(f), "class": top[0][0], "probability": top[0][1], "top": top})
+    return rows
+
+
+def write_predictions_csv(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """``rows`` of :func:`predict_images` as CSV: path, class, probability, top_k."""
+    with Path(out).open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "class", "probability", "top_k"])
+        for r in rows:
+            top = ";".join(f"{name}:{q:.6f}" for name, q in r["top"])
+            w.writerow([r["path"], r["class"], f"{r['probability']:.6f}", top])
+
+
+def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, Any]:
+    """What sits beside an exported model: class names and how to prepare an image."""
+    # What the "test" preset does (data.transforms); another preset is named as it is.
+    side = info.image_size if info.image_size <= SMALL_MAX else int(info.image_size / CROP_FRACTION)
+    steps = (
+        [f"resize the shorter side to {side} px", f"centre-crop {info.image_size} px"]
+        if info.transform == "test"
+        else [f"longtail's {info.transform!r} preset at {info.image_size} px"]
+    )
+    return {
+        "model": model_file,
+        "format": fmt,
+        "input": {
+            "name": "images",
+            "shape": ["batch", info.channels, info.image_size, info.image_size],
+            "dtype": "float32",
+            "colour": "grey (1 channel)" if info.channels == 1 else "RGB",
+        },
+        "output": {"name": "logits", "shape": ["batch", info.num_classes]},
+        "preprocess": [
+            *steps,
+            "scale pixel values to [0, 1]",
+            "subtract mean, divide by std, per channel",
+        ],
+        "mean": info.mean,
+        "std": info.std,
+        "classes": info.classes,
+    }
+
+
+def export_run(
+    run_dir: str | Path, fmt: str, out: str | Path | None = None, checkpoint: str = "last"
+) -> Path:
+    """Export a run's model (normalised images in, logits out) for use without longtail.
+
+    Writes the model file and ``<name>.json`` beside it (:func:`preprocessing_card`).
+
+    Args:
+        run_dir: A trained run directory.
+        fmt: ``onnx`` (opset chosen by PyTorch, batch dimension dynamic) or ``torchscript``.
+        out: The model file (default ``<run_dir>/export/model.onnx`` or ``.pt``).
+        checkpoint: ``last`` or ``best``.
+
+    Returns:
+        The model file's path.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise UsageError(
+            "ONNX export needs the onnx package: pip install 'longtail[export]' (or onnx)"
+        )
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the model file's path")
+    _, method, info = load_run(run_dir, checkpoint, torch.device("cpu"))
+    model = Predictor(method.float().to(memory_format=torch.contiguous_format)).eval()
+    example = torch.zeros(2, info.channels, info.image_size, info.image_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporters' deprecation and tracer notices
+        if fmt == "torchscript":
+            torch.jit.trace(model, example).save(str(out))
+        else:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(out),
+                dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, fast
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    card = preprocessing_card(info, fmt, out.name)
+    out.with_name(out.name + ".json").write_text(json.dumps(card, indent=1), encoding="utf-8")
+    return out

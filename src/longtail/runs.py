@@ -1,0 +1,256 @@
+"""Reading run directories: their config, data summary, checkpoints and evaluation.
+
+A run directory holds ``config.yaml`` (the resolved config), ``data.json`` (class names,
+counts, shot groups and the images' preprocessing), ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/last.pt`` (and ``best.pt`` with a validation split), ``eval_<split>.json``,
+``report.html`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from longtail.build import build_data, build_method, config_key, validate
+from longtail.config import Config, config_from_dict
+from longtail.data import RunData
+from longtail.engine import distributed
+from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from longtail.engine.run_dir import CHECKPOINT_DIR
+from longtail.engine.trainer import evaluate, resolve_device
+from longtail.errors import LongtailError, UsageError
+from longtail.evaluation import shot_groups
+from longtail.methods import Method
+
+
+def config_device(cfg: Config) -> torch.device:
+    """The device ``train.device`` names (``auto``: CUDA where there is one)."""
+    with config_key("train.device"):
+        return resolve_device(cfg.train.device)
+
+
+def read_run_config(out: Path) -> Config:
+    """The validated config a run directory was trained with."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{out} is not a run directory: {path} is missing")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LongtailError(f"{path} is not valid YAML ({type(e).__name__})") from None
+    return validate(config_from_dict(raw))
+
+
+def data_summary(cfg: Config, data: RunData) -> dict[str, Any]:
+    """What ``data.json`` records: the training set's classes, counts and shot groups."""
+    counts = data.counts.tolist()
+    return {
+        "dataset": cfg.data.dataset,
+        "ratio": cfg.data.ratio,
+        "profile": cfg.data.profile,
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "counts": counts,
+        "total": len(data),
+        "groups": shot_groups(counts),
+        # What a new image needs to look like to the model (predict, export).
+        "preprocess": {
+            "transform": cfg.train.test_transform,
+            "image_size": cfg.data.image_size,
+            "channels": data.channels,
+            "mean": [float(v) for v in data.train_source.mean],
+            "std": [float(v) for v in data.train_source.std],
+        },
+    }
+
+
+# Settings that may differ between the run that wrote a checkpoint and the one that reads it:
+# where the data lives and how this machine runs, not what is trained.
+MACHINE_KEYS = frozenset(
+    {
+        "data.root",
+        "data.files",
+        "data.num_workers",
+        "train.device",
+        "train.threads",
+        "train.log_every",
+        "train.eval_every",
+        "train.report",
+    }
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v and key not in MACHINE_KEYS:
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Method) -> None:
+    """Load the checkpoint's weights into ``method``, after checking that it comes from this
+    config and fits this method's modules."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise LongtailError(f"{path} is not a longtail checkpoint")
+    saved = ckpt.get("config")
+    if isinstance(saved, dict):
+        a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
+        differ = sorted(
+            k for k in a.keys() | b.keys() if k not in MACHINE_KEYS and a.get(k) != b.get(k)
+        )
+        if differ:
+            k = differ[0]
+            raise LongtailError(
+                f"checkpoint {path} was written with another config: {k} is {a.get(k)!r} there "
+                f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
+            )
+    mismatch = _state_mismatch(method.state_dict(), ckpt["model"])
+    if mismatch:
+        raise LongtailError(
+            f"checkpoint {path} does not fit the model of config.yaml ({mismatch}); it was "
+            "written by another config"
+        )
+    method.load_state_dict(ckpt["model"])
+
+
+def _state_mismatch(expected: dict[str, Any], given: Any) -> str:
+    """What keeps ``given`` from loading as ``expected`` (a state dict), or ''."""
+    if not isinstance(given, dict):
+        return "it holds no weights"
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [
+        k
+        for k in expected
+        if k in given
+        and hasattr(given[k], "shape")
+        and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(keys)} {what} (first {keys[0]})"
+        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "of other shape"))
+        if keys
+    ]
+    return ", ".join(parts)
+
+
+def evaluate_run(
+    out: str | Path,
+    *,
+    checkpoint: str = "last",
+    split: str = "test",
+    cfg: Config | None = None,
+    method: Method | None = None,
+    data: RunData | None = None,
+    device: torch.device | None = None,
+    save: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run directory's checkpoint on ``split``; writes ``eval_<split>.json``.
+
+    ``cfg``, ``method``, ``data`` and ``device`` skip rebuilding what the caller holds (the
+    method with the weights to evaluate).
+    """
+    out = Path(out)
+    cfg = cfg or read_run_config(out)
+    device = device or config_device(cfg)
+    data = data or build_data(cfg)
+    if split == "val" and data.val_source is None:
+        raise UsageError(
+            f"{cfg.data.dataset} has no validation split configured (config key data.val_split)"
+        )
+    if method is None:
+        method = build_method(cfg, data, device)
+        path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
+        ckpt = load_checkpoint(path, map_location=device)
+        check_checkpoint(ckpt, cfg, path, method)
+        epoch = ckpt["epoch"] + 1
+    else:
+        epoch = sum(s.epochs for s in method.stages())
+    res, _, _ = evaluate(method, data, split, device, cfg.train)
+    res = {"split": split, "checkpoint": checkpoint, "epoch": epoch, **res}
+    res["classes"] = data.classes
+    res["train_counts"] = data.counts.tolist()
+    res["per_class_by_name"] = dict(zip(data.classes, res["per_class"], strict=True))
+    if save and distributed.is_main():
+        atomic_write_bytes(out / f"eval_{split}.json", json.dumps(res, indent=1).encode())
+    return res
+
+
+@dataclass
+class RunInfo:
+    """What a run directory's ``data.json`` says about its training data: enough to set a
+    method up and to preprocess new images without the data set itself.
+
+    Attributes:
+        classes: Class names, indexed by class.
+        counts: Training images per class.
+        channels: 1 (grey) or 3 (RGB).
+        image_size: Side of the square network input, pixels.
+        mean: Per-channel normalisation mean, [0, 1] units.
+        std: Per-channel normalisation std, [0, 1] units.
+        transform: The evaluation preset (``train.test_transform``).
+    """
+
+    classes: list[str]
+    counts: np.ndarray
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    transform: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def read_run_info(out: str | Path) -> RunInfo:
+    """The :class:`RunInfo` of run directory ``out``."""
+    path = Path(out) / "data.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        pre = saved["preprocess"]
+        return RunInfo(
+            classes=[str(c) for c in saved["classes"]],
+            counts=np.asarray(saved["counts"], dtype=np.int64),
+            channels=int(pre["channels"]),
+            image_size=int(pre["image_size"]),
+            mean=[float(v) for v in pre["mean"]],
+            std=[float(v) for v in pre["std"]],
+            transform=str(pre["transform"]),
+        )
+    except FileNotFoundError:
+        raise UsageError(f"{out} is not a run directory: {path} is missing") from None
+    except (ValueError, KeyError, TypeError):
+        raise LongtailError(
+            f"{path} lacks the preprocessing of the run's images (written by an older longtail "
+            "or edited); train the run again"
+        ) from None
+
+
+def load_run(
+    out: str | Path, checkpoint: str = "last", device: torch.device | None = None
+) -> tuple[Config, Method, RunInfo]:
+    """The trained method of run directory ``out`` in eval mode, without its data set."""
+    out = Path(out)
+    cfg = read_run_config(out)
+    info = read_run_info(out)
+    device = device or config_device(cfg)
+    method = build_method(cfg, info, device)  # type: ignore[arg-type]  # setup reads counts etc.
+    path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise UsageError(f"{out} has no checkpoint {checkpoint}.pt; train it first")
+    check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
+    return cfg, method.eval(), info
