@@ -154,7 +154,8 @@ def test_torchrun_resumes_a_single_process_run_and_counts_each_test_image_once(
 
     root = make_fashion_mnist(tmp_path / "fm", test_per_class=7)  # 70 test images: odd shards
     out = tmp_path / "run"
-    raw = tiny_config(root, method={"name": "hybrid-sc"}, train={"epochs": 3, "batch_size": 16})
+    train = {"epochs": 3, "batch_size": 16, "report": True}
+    raw = tiny_config(root, method={"name": "hybrid-sc"}, train=train)
 
     def stop(self, epoch):  # one process trains epoch 1, then is interrupted
         if epoch == 1:
@@ -171,6 +172,8 @@ def test_torchrun_resumes_a_single_process_run_and_counts_each_test_image_once(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test top-1") == 1  # rank 0 reports, once
+    assert done.stdout.count("report: ") == 1 and (out / "report.html").is_file()
+    assert len(list((out / "plots").glob("*.png"))) == 6  # the embedding's pass was shared
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # written once per epoch, by rank 0
     res = json.loads((out / "eval_test.json").read_text())
