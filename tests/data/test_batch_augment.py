@@ -3,14 +3,17 @@ presets in distribution."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as v2f
 from PIL import Image
 
 from longtail.config import DataConfig
 from longtail.data import ArraySource, RunData, build_sampler, build_transform
-from longtail.data.batch_augment import DeviceLoader, Draw, batch_preset, pad_crop
+from longtail.data.batch_augment import DeviceLoader, Draw, _apply, batch_preset, pad_crop
 
 MEAN, STD = (0.0,), (1.0,)
 
@@ -139,9 +142,14 @@ def test_the_fast_path_is_chosen_only_where_it_applies(tmp_path):
         sampler="instance", batch_size=8, transforms=["hybrid-jitter", "hybrid"]
     )
     assert isinstance(multi, DeviceLoader) and len(next(iter(multi))[0]) == 2
-    # AutoAugment has no batched form: the per-image path
-    strong = data.train_loader(sampler="instance", batch_size=8, transforms=["strong", "simclr"])
-    assert isinstance(strong, torch.utils.data.DataLoader)
+    # BCL's three views (AutoAugment + Cutout, two SimCLR views) are batched too
+    bcl = data.train_loader(
+        sampler="instance", batch_size=8, transforms=["strong", "simclr", "simclr"]
+    )
+    assert isinstance(bcl, DeviceLoader) and len(next(iter(bcl))[0]) == 3
+    # a preset without a batched form (RandAugment's large-image crop): the per-image path
+    other = data.train_loader(sampler="instance", batch_size=8, transforms=["imagenet", "simclr"])
+    assert isinstance(other, torch.utils.data.DataLoader)
     off = _rundata(tmp_path, images, fast_path=False)
     assert isinstance(off.train_loader(sampler="instance", batch_size=8, transforms="crop-flip"),
                       torch.utils.data.DataLoader)  # fmt: skip
@@ -162,3 +170,91 @@ def test_folders_are_cached_when_square(tmp_path):
     Image.new("RGB", (20, 30)).save(tmp_path / "imgs" / "train" / "c0" / "wide.png")
     src = load_source("folder", tmp_path / "imgs", "train")
     assert cached_images(src, np.arange(4), 16, 10) is None  # not square: per-image crops
+
+
+# --- AutoAugment and Cutout (BCL's strong view) -------------------------------------------------
+
+
+def _photos(n: int, channels: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
+    """uint8 images with structure (gradients, a bright square) and noise."""
+    gen = torch.Generator().manual_seed(seed)
+    i, j = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    base = (i * 3 + j * 5).float()[None, None] % 200
+    noise = torch.randint(0, 50, (n, channels, size, size), generator=gen).float()
+    x = base + noise
+    x[:, :, 8:16, 10:20] += 40
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+REFERENCE_OPS = {  # name -> (torchvision functional op on uint8, magnitude)
+    "ShearX": (lambda x, m: v2f.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+               shear=[math.degrees(math.atan(m)), 0.0], center=[0, 0]), 0.3),
+    "ShearY": (lambda x, m: v2f.affine(x, angle=0.0, translate=[0, 0], scale=1.0,
+               shear=[0.0, math.degrees(math.atan(m))], center=[0, 0]), -0.2),
+    "TranslateX": (lambda x, m: v2f.affine(x, angle=0.0, translate=[int(m), 0], scale=1.0,
+                   shear=[0.0, 0.0]), 7.6),
+    "TranslateY": (lambda x, m: v2f.affine(x, angle=0.0, translate=[0, int(m)], scale=1.0,
+                   shear=[0.0, 0.0]), -5.0),
+    "Rotate": (lambda x, m: v2f.rotate(x, angle=m), 23.0),
+    "Brightness": (lambda x, m: v2f.adjust_brightness(x, 1 + m), 0.5),
+    "Color": (lambda x, m: v2f.adjust_saturation(x, 1 + m), -0.6),
+    "Contrast": (lambda x, m: v2f.adjust_contrast(x, 1 + m), 0.7),
+    "Sharpness": (lambda x, m: v2f.adjust_sharpness(x, 1 + m), 0.9),
+    "Posterize": (lambda x, m: v2f.posterize(x, int(m)), 5),
+    "Solarize": (lambda x, m: v2f.solarize(x, 255 * m), 0.4),
+    "AutoContrast": (lambda x, m: v2f.autocontrast(x), 0.0),
+    "Equalize": (lambda x, m: v2f.equalize(x), 0.0),
+    "Invert": (lambda x, m: v2f.invert(x), 0.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", sorted(REFERENCE_OPS))
+def test_each_autoaugment_op_is_torchvisions(name, channels):
+    images = _photos(6, channels)
+    reference, magnitude = REFERENCE_OPS[name]
+    expected = torch.stack([reference(im, magnitude) for im in images]).float() / 255
+    m = torch.full((len(images),), float(magnitude))
+    got = _apply(name, images.float() / 255, m)
+    # torchvision rounds to uint8 after the op; a nearest-neighbour sample may also round a
+    # coordinate at exactly half a pixel the other way on a few pixels.
+    close = (got - expected).abs() <= 1.5 / 255
+    assert close.float().mean() > 0.99, (name, (got - expected).abs().max())
+
+
+def test_autoaugment_magnitudes_are_per_image():
+    images = _photos(8, 1)
+    m = torch.tensor([0.0, 10.0, 20.0, 30.0, -30.0, -20.0, -10.0, 0.0])
+    got = _apply("Rotate", images.float() / 255, m)
+    for i, angle in enumerate(m.tolist()):
+        expected = v2f.rotate(images[i], angle=angle).float() / 255
+        assert ((got[i] - expected).abs() <= 1.5 / 255).float().mean() > 0.99
+
+
+def test_strong_view_matches_the_per_image_preset_in_distribution():
+    """The batched strong view (pad-crop, flip, AutoAugment CIFAR-10, Cutout) against the
+    per-image preset: how often pixels change, the mean and spread of the images, and the
+    share of pixels Cutout sets to the mean."""
+    n, size = 1500, SIZE
+    images = _photos(n, 3, seed=1)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    batched = batch_preset("strong", size, 3, mean, std, torch.device("cpu"))
+    assert batched is not None
+    g = torch.Generator().manual_seed(0)
+    out = batched(images, Draw(g, n, slice(0, n)))
+    per_image = build_transform("strong", size, 3, mean, std)
+    torch.manual_seed(0)
+    ref = torch.stack([per_image(im) for im in images])
+    # Mean brightness: within 4 standard errors (images differ a lot: Invert, Solarize, ...).
+    means_out, means_ref = out.mean((1, 2, 3)), ref.mean((1, 2, 3))
+    se = math.sqrt((means_out.var() + means_ref.var()).item() / n)
+    assert abs(means_out.mean() - means_ref.mean()).item() < 4 * se
+    assert abs(out.std() / ref.std() - 1).item() < 0.02  # spread of the pixel values
+    # Cutout: a quarter of the pixels set to exactly the mean (0 once normalised)
+    assert abs((out == 0).float().mean().item() - (ref == 0).float().mean().item()) < 0.005
+    # Each image's Cutout square: 16 x 16 of 32 x 32 (a quarter), inside the image.
+    zero_rows = (out == 0).all(1).sum(2).amax(1)
+    assert (zero_rows >= 16).float().mean() > 0.95
+    # ... at its own place in each image
+    corners = [tuple((im == 0).all(0).nonzero().min(0).values.tolist()) for im in out[:50]]
+    assert len(set(corners)) > 16

@@ -9,20 +9,23 @@ which each process keeps its slice: the images do not depend on the number of pr
 and a resumed run sees the same ones.
 
 The batched presets mirror the per-image ones of :mod:`longtail.data.transforms` (same
-operations and parameters; random draws differ); presets without a batched form (AutoAugment,
-RandAugment, blur, large-image crops) leave the run on the per-image path.
+operations and parameters; random draws differ), BCL's ``strong`` view (AutoAugment's
+CIFAR-10 policy and Cutout) included; presets without a batched form (RandAugment, blur,
+large-image crops) leave the run on the per-image path.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 
 from longtail.data.dataset import item_seed
 from longtail.data.samplers import KPerClassBatchSampler
@@ -166,12 +169,189 @@ class BatchPreset:
     ops: list[Op]
     mean: Tensor
     std: Tensor
+    after: list[Op] = field(default_factory=list)  # on the normalised images (Cutout)
 
     def __call__(self, images: Tensor, draw: Draw) -> Tensor:
         x = images.float() / 255
         for op in self.ops:
             x = op(x, draw)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        for op in self.after:
+            x = op(x, draw)
+        return x
+
+
+# --- AutoAugment and Cutout (BCL's strong view), batched -------------------------------------
+# The policy and the magnitude of each bin are read from torchvision's AutoAugment, so the
+# batched view draws from exactly the per-image preset's policy. Ops work on floats in [0, 1]
+# (the per-image path rounds to uint8 after each op; the difference is below 1/255).
+
+
+def _inverse_affine(
+    angle: Tensor, shear_x: Tensor, shear_y: Tensor, tx: Tensor, ty: Tensor, cx: float, cy: float
+) -> Tensor:
+    """(B, 2, 3) maps from output to input pixel coordinates (relative to the image centre)
+    of the affine transforms torchvision's ``affine`` describes: rotation by ``angle``,
+    shears (degrees), translation, about the point (cx, cy)."""
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    # The inverse of [[a, b], [c, d]] (determinant 1), then the centre and translation undone.
+    m00, m01, m10, m11 = d, -b, -c, a
+    m02 = m00 * (-cx - tx) + m01 * (-cy - ty) + cx
+    m12 = m10 * (-cx - tx) + m11 * (-cy - ty) + cy
+    return torch.stack([torch.stack([m00, m01, m02], 1), torch.stack([m10, m11, m12], 1)], 1)
+
+
+def _warp(x: Tensor, theta: Tensor) -> Tensor:
+    """Nearest-neighbour resampling with zero fill, ``theta`` as from :func:`_inverse_affine`."""
+    b, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device, dtype=x.dtype) - (h - 1) / 2  # pixel centres
+    xs = torch.arange(w, device=x.device, dtype=x.dtype) - (w - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    base = torch.stack([gx, gy, torch.ones_like(gx)], -1).reshape(1, h * w, 3)
+    src = base @ theta.to(x.dtype).transpose(1, 2)  # (B, HW, 2) input coordinates
+    grid = src / torch.tensor([w / 2, h / 2], device=x.device, dtype=x.dtype)
+    return F.grid_sample(
+        x, grid.view(b, h, w, 2), mode="nearest", padding_mode="zeros", align_corners=False
+    )
+
+
+def _blend(x: Tensor, y: Tensor, factor: Tensor) -> Tensor:
+    return (factor[:, None, None, None] * x + (1 - factor[:, None, None, None]) * y).clamp(0, 1)
+
+
+def _sharpen(x: Tensor, factor: Tensor) -> Tensor:
+    c = x.shape[1]
+    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / 13).expand(c, 1, 3, 3)
+    blurred = x.clone()  # the one-pixel border keeps the image's own values
+    blurred[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
+    return _blend(x, blurred, factor)
+
+
+def _autocontrast(x: Tensor) -> Tensor:
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, torch.ones_like(high), 1 / (high - low).clamp_min(1e-12))
+    return ((x - torch.where(flat, torch.zeros_like(low), low)) * scale).clamp(0, 1)
+
+
+def _equalize(x: Tensor) -> Tensor:
+    """PIL's histogram equalisation of each channel of each image, on 8-bit levels."""
+    b, c, h, w = x.shape
+    levels = (x * 255).round().long().view(b * c, h * w)
+    hist = torch.zeros(b * c, 256, device=x.device, dtype=torch.long)
+    hist.scatter_add_(1, levels, torch.ones_like(levels))
+    last = hist.gather(1, (levels.amax(1, keepdim=True)))  # the count of the top level
+    step = (h * w - last) // 255
+    before = hist.cumsum(1) - hist
+    lut = ((step // 2 + before) // step.clamp_min(1)).clamp(max=255)
+    out = lut.gather(1, levels).to(x.dtype) / 255
+    return torch.where(step > 0, out, x.view(b * c, h * w)).view(b, c, h, w)
+
+
+def _apply(name: str, x: Tensor, m: Tensor) -> Tensor:
+    """AutoAugment operation ``name`` with per-image magnitudes ``m`` (signed)."""
+    n, zero = x.shape[0], torch.zeros_like(m)
+    h, w = x.shape[-2:]
+    if name in ("ShearX", "ShearY"):
+        deg = torch.rad2deg(torch.atan(m))
+        sx, sy = (deg, zero) if name == "ShearX" else (zero, deg)
+        return _warp(x, _inverse_affine(zero, sx, sy, zero, zero, -w / 2, -h / 2))
+    if name in ("TranslateX", "TranslateY"):
+        t = torch.trunc(m)  # whole pixels, as torchvision's int(magnitude)
+        tx, ty = (t, zero) if name == "TranslateX" else (zero, t)
+        return _warp(x, _inverse_affine(zero, zero, zero, tx, ty, 0.0, 0.0))
+    if name == "Rotate":  # rotate() turns counter-clockwise: the affine angle is -m
+        return _warp(x, _inverse_affine(-m, zero, zero, zero, zero, 0.0, 0.0))
+    if name == "Brightness":
+        return _blend(x, torch.zeros_like(x), 1 + m)
+    if name == "Color":  # saturation: a grey image has none to change
+        return x if x.shape[1] == 1 else _blend(x, _grey(x).expand_as(x), 1 + m)
+    if name == "Contrast":
+        mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        return _blend(x, mean.expand_as(x), 1 + m)
+    if name == "Sharpness":
+        return _sharpen(x, 1 + m)
+    if name == "Posterize":  # keep the top `bits` bits of each 8-bit level
+        keep = (2 ** (8 - m.long()))[:, None, None, None]
+        return torch.div((x * 255).round(), keep, rounding_mode="floor") * keep / 255
+    if name == "Solarize":
+        return torch.where(x >= m[:, None, None, None], 1 - x, x)
+    if name == "AutoContrast":
+        return _autocontrast(x)
+    if name == "Equalize":
+        return _equalize(x)
+    if name == "Invert":
+        return 1 - x
+    raise ValueError(f"no batched form of AutoAugment's {name!r} (n={n})")
+
+
+class AutoAugmentPolicy:
+    """torchvision's AutoAugment for a batch: each image draws its own sub-policy, whether
+    each of its two operations applies, and each magnitude's sign."""
+
+    def __init__(self, policy: v2.AutoAugmentPolicy, size: int) -> None:
+        reference = v2.AutoAugment(policy)
+        self.policies = reference._policies  # [((op, p, bin), (op, p, bin)), ...]
+        self.names = sorted({op for sub in self.policies for op, _, _ in sub})
+        space = reference._AUGMENTATION_SPACE
+        self.magnitudes: dict[str, Tensor | None] = {}
+        self.signed: dict[str, bool] = {}
+        for name in self.names:
+            values, signed = space[name][0](10, size, size), space[name][1]
+            self.magnitudes[name] = None if values is None else values.double()
+            self.signed[name] = signed
+        # Per sub-policy and slot: operation index, probability, magnitude bin.
+        self.op = torch.tensor([[self.names.index(o) for o, _, _ in sub] for sub in self.policies])
+        self.p = torch.tensor([[p for _, p, _ in sub] for sub in self.policies])
+        self.bin = torch.tensor([[b or 0 for _, _, b in sub] for sub in self.policies])
+
+    def __call__(self, x: Tensor, d: Draw) -> Tensor:
+        k = d.integers(len(self.policies)).cpu()
+        for slot in range(2):
+            applies = d.uniform(0.0, 1.0).cpu() <= self.p[k, slot]
+            negative = d.uniform(0.0, 1.0).cpu() <= 0.5
+            op, bins = self.op[k, slot], self.bin[k, slot]
+            for i, name in enumerate(self.names):
+                rows = torch.nonzero(applies & (op == i)).flatten()
+                if not len(rows):
+                    continue
+                values = self.magnitudes[name]
+                m = torch.zeros(len(rows), dtype=torch.float64)
+                if values is not None:
+                    m = values[bins[rows]]
+                    if self.signed[name]:
+                        m = torch.where(negative[rows], -m, m)
+                if name == "Solarize":
+                    m = m.clamp(max=1.0)
+                rows = rows.to(x.device)
+                x = x.index_copy(0, rows, _apply(name, x[rows], m.to(x.device, x.dtype)))
+        return x
+
+
+def cutout(fraction: float) -> Op:
+    """RandomErasing(p=1, scale=(f, f), ratio=(1, 1), value=0) on normalised images: a
+    square of ``fraction`` of the area, inside the image, set to 0 (the mean)."""
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        _, _, h, w = x.shape
+        side = int(round(math.sqrt(fraction * h * w)))
+        if not (side < h and side < w):
+            return x
+        top, left = d.integers(h - side + 1), d.integers(w - side + 1)
+        ys = torch.arange(h, device=x.device)[None, :, None]
+        xs = torch.arange(w, device=x.device)[None, None, :]
+        inside = (ys >= top[:, None, None]) & (ys < top[:, None, None] + side)
+        inside = inside & (xs >= left[:, None, None]) & (xs < left[:, None, None] + side)
+        return x.masked_fill(inside[:, None], 0.0)
+
+    return op
 
 
 def _jitter(channels: int) -> Op:
@@ -194,6 +374,15 @@ BATCH_PRESETS: dict[str, Callable[[int, int], list[Op]]] = {
 }
 
 
+# Presets with ops after normalisation: (ops, after).
+AFTER_NORMALISATION: dict[str, Callable[[int, int], tuple[list[Op], list[Op]]]] = {
+    "strong": lambda size, c: (
+        [pad_crop(4), flip, AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10, size)],
+        [cutout(0.25)],
+    ),
+}
+
+
 def batch_preset(
     name: str,
     size: int,
@@ -203,13 +392,20 @@ def batch_preset(
     device: torch.device,
 ) -> BatchPreset | None:
     """The batched form of preset ``name``, or None where there is none (per-image path)."""
-    if name not in BATCH_PRESETS or size > SMALL_MAX:
+    if size > SMALL_MAX:
+        return None
+    if name in BATCH_PRESETS:
+        ops, after = BATCH_PRESETS[name](size, channels), []
+    elif name in AFTER_NORMALISATION:
+        ops, after = AFTER_NORMALISATION[name](size, channels)
+    else:
         return None
     shape = (1, channels, 1, 1)
     return BatchPreset(
-        BATCH_PRESETS[name](size, channels),
+        ops,
         torch.tensor(mean, device=device).view(shape),
         torch.tensor(std, device=device).view(shape),
+        after,
     )
 
 
