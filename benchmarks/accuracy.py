@@ -8,6 +8,10 @@ evaluated on the full test set. Writes <out>/accuracy.json and <out>/accuracy.md
     python benchmarks/accuracy.py --epochs 6 --batch-size 128 --seeds 0 1 --out benchmarks/results/x
 
 A finished (entry, seed) is skipped on a re-run, so an interrupted benchmark resumes.
+Results of several runs of the benchmark (e.g. two processes of one thread each, writing to
+two folders) go into one table with
+
+    python benchmarks/accuracy.py --merge benchmarks/results/a benchmarks/results/b --out DIR
 """
 
 from __future__ import annotations
@@ -108,7 +112,13 @@ def main() -> None:
     )
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value for all")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
+    p.add_argument(
+        "--merge", nargs="+", type=Path, help="write one table of these result folders to --out"
+    )
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
 
     extra = parse_overrides(args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +169,33 @@ def main() -> None:
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{key}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
     write_table(results, args.out / "accuracy.md")
+
+
+def merge(folders: list[Path], out: Path) -> None:
+    """One accuracy.md (and accuracy.json) of the runs in ``folders``; each row says its
+    commit and settings where they differ."""
+    merged: dict = {"runs": {}, "parts": []}
+    for folder in folders:
+        part = json.loads((folder / "accuracy.json").read_text())
+        merged["parts"].append(
+            {"folder": str(folder), "commit": part.get("commit"), "budget": part["budget"]}
+        )
+        for key, run in part["runs"].items():
+            if key in merged["runs"]:
+                raise SystemExit(f"{key} is in two of the folders; merge one of them")
+            merged["runs"][key] = {**run, "commit": part.get("commit")}
+        merged.setdefault("hardware", part["hardware"])
+        merged.setdefault("budget", part["budget"])
+    merged["commit"] = ", ".join(sorted({str(p["commit"]) for p in merged["parts"]}))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(merged, indent=1))
+    write_table(merged, out / "accuracy.md")
+    settings = "; ".join(
+        f"{p['folder']}: commit {p['commit']}, overrides {p['budget']['overrides']}"
+        for p in merged["parts"]
+    )
+    with (out / "accuracy.md").open("a") as f:
+        f.write(f"\nMerged from {settings}.\n")
 
 
 def write_table(results: dict, path: Path) -> None:
