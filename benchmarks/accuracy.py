@@ -43,6 +43,12 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "hybrid-mpsc-m2": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 2}),
     "hybrid-mpsc-m4": ("hybrid-psc-r100.yaml", {"name": "hybrid-mpsc", "num_prototypes": 4}),
     "bcl": ("bcl-r100.yaml", {}),
+    # Ablations that tell why bcl trails at short budgets: no contrastive term (its
+    # logit-adjusted cosine classifier on the strong view alone), the weak view for the
+    # classifier, and both.
+    "bcl-no-con": ("bcl-r100.yaml", {"bcl_weight": 0.0}),
+    "bcl-weak-cls": ("bcl-r100.yaml", {"cls_transform": "crop-flip"}),
+    "bcl-no-con-weak-cls": ("bcl-r100.yaml", {"bcl_weight": 0.0, "cls_transform": "crop-flip"}),
     # At 8 epochs (about 200 steps) an EMA of 0.999 leaves the key encoder 80% at its
     # initialisation, and 4,096 keys would be a whole epoch of stale ones: 0.99 and 1,024.
     "dscl": ("dscl-r100.yaml", {"momentum": 0.99, "queue_size": 1024}),
