@@ -66,7 +66,7 @@ def _global_batch(name: str, b: int = 8):
     return {
         "con": (views[:2], y, idx),
         "cls": (views[2], y.flip(0), idx),
-        "views": (views[:2] if name == "dscl" else views, y, idx),  # DSCL: query and key
+        "views": (views[:2] if name.startswith("dscl") else views, y, idx),  # DSCL: query and key
     }
 
 
@@ -81,9 +81,12 @@ def _torchrun(tmp: Path, script: str, *args: str, n: int = 2) -> subprocess.Comp
 METHODS_IN_BATCH = {
     "hybrid-sc": {},
     "hybrid-psc": {},
+    "hybrid-mpsc": {"num_prototypes": 2},
     "bcl": {"cls_transform": "hybrid", "con_transforms": ["hybrid", "hybrid"]},
-    # PBSD draws random boxes per process; the in-batch DSCL term and the queue are tested.
-    "dscl": {"pbsd_weight": 0.0, "classifier_epochs": 1, "queue_size": 32},
+    # PBSD's boxes are drawn for the global batch, so they too are the single process's.
+    "dscl": {"classifier_epochs": 1, "queue_size": 32},
+    "dscl-no-pbsd": {"name": "dscl", "pbsd_weight": 0.0, "classifier_epochs": 1,
+                     "queue_size": 32},
     "ce": {},
 }
 

@@ -28,6 +28,8 @@ from torchvision.ops import roi_align
 from longtail import parallel
 from longtail.config import Config
 from longtail.data import RunData
+from longtail.data.batch_augment import Draw
+from longtail.data.dataset import item_seed
 from longtail.losses import decoupled_contrastive_loss, pbsd_loss
 from longtail.losses.decoupled import EMPTY
 from longtail.methods.base import (
@@ -98,6 +100,7 @@ class DSCL(Method):
         self.register_buffer("queue_labels", torch.full((k,), EMPTY, dtype=torch.long))
         self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._epoch, self._step = 0, 0  # where the PBSD boxes are drawn from
         self.health = EmbeddingHealth()
 
     @property
@@ -126,31 +129,35 @@ class DSCL(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.health.reset()
+        self._epoch, self._step = epoch, 0
 
     # -- stage 1 ------------------------------------------------------------------------
     def boxes(self, n: int, height: int, width: int, device: torch.device) -> Tensor:
         """``patches`` random boxes per image, (n * L, 4) as x0, y0, x1, y1 in pixels.
 
         Drawn like RandomResizedCrop's: area a fraction of the view in ``patch_scale``,
-        log-uniform aspect ratio in ``patch_ratio``, clipped to the view. From the global
-        torch generator (on the CPU), so they are reproduced on resume.
+        log-uniform aspect ratio in ``patch_ratio``, clipped to the view. Drawn for the
+        global batch from a CPU generator seeded by (seed, epoch, step), each process keeping
+        the rows of its images: the boxes do not depend on the number of processes, and a
+        resumed epoch draws them again.
         """
         o = self.opts
-        count = n * o.patches
-        area = height * width * torch.empty(count).uniform_(*o.patch_scale)
-        log_ratio = torch.empty(count).uniform_(
-            math.log(o.patch_ratio[0]), math.log(o.patch_ratio[1])
-        )
-        ratio = torch.exp(log_ratio)
+        g = torch.Generator().manual_seed(item_seed(self.cfg.seed, self._epoch, self._step))
+        r = parallel.rank()
+        draw = Draw(g, n * parallel.world_size(), slice(r * n, (r + 1) * n))
+        area = height * width * draw.uniform(*o.patch_scale, o.patches).reshape(-1)
+        log_ratio = draw.uniform(math.log(o.patch_ratio[0]), math.log(o.patch_ratio[1]), o.patches)
+        ratio = torch.exp(log_ratio.reshape(-1))
         w = torch.sqrt(area * ratio).clamp(1, width)
         h = torch.sqrt(area / ratio).clamp(1, height)
-        x0 = torch.rand(count) * (width - w)
-        y0 = torch.rand(count) * (height - h)
+        x0 = draw.uniform(0.0, 1.0, o.patches).reshape(-1) * (width - w)
+        y0 = draw.uniform(0.0, 1.0, o.patches).reshape(-1) * (height - h)
         return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).to(device)
 
     def _feature_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         o = self.opts
         (x_q, x_k), y, _ = batches["views"]
+        self._step += 1
         fmap = self.backbone.forward_features(x_q)
         q = full_precision(self.head(self.backbone.forward_head(fmap)))
         with torch.no_grad():
@@ -185,6 +192,7 @@ class DSCL(Method):
             ],
             dim=1,
         )
+        rois = rois.to(full_precision(x_q).dtype)  # roi_align wants the input's dtype
         # Teacher: each box pooled (2 x 2, then averaged) from the query's feature map.
         with torch.no_grad():
             pooled = roi_align(
