@@ -49,12 +49,23 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "bcl-no-con": ("bcl-r100.yaml", {"bcl_weight": 0.0}),
     "bcl-weak-cls": ("bcl-r100.yaml", {"cls_transform": "crop-flip"}),
     "bcl-no-con-weak-cls": ("bcl-r100.yaml", {"bcl_weight": 0.0, "cls_transform": "crop-flip"}),
+    # bcl with the hybrid entries' views (classifier: crop-flip + grey; contrastive: the
+    # same with and without colour jitter) instead of AutoAugment + Cutout and SimCLR's crops
+    "bcl-hybrid-views": (
+        "bcl-r100.yaml",
+        {"cls_transform": "hybrid", "con_transforms": ["hybrid-jitter", "hybrid"]},
+    ),
     # At 8 epochs (about 200 steps) an EMA of 0.999 leaves the key encoder 80% at its
     # initialisation, and 4,096 keys would be a whole epoch of stale ones: 0.99 and 1,024.
     "dscl": ("dscl-r100.yaml", {"momentum": 0.99, "queue_size": 1024}),
     "dscl-no-pbsd": (
         "dscl-r100.yaml",
         {"momentum": 0.99, "queue_size": 1024, "pbsd_weight": 0.0},
+    ),
+    # dscl with the hybrid entries' contrastive views instead of SimCLR's crops
+    "dscl-hybrid-views": (
+        "dscl-r100.yaml",
+        {"momentum": 0.99, "queue_size": 1024, "con_transforms": ["hybrid-jitter", "hybrid"]},
     ),
     **{
         name: (f"{name}-r100.yaml", {})
