@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3, help="alternating measurements, median")
+    p.add_argument("--rounds", type=int, default=5, help="alternating measurements, median")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"))
     args = p.parse_args()
