@@ -56,6 +56,7 @@ def main() -> None:
 
         export_folder(args.folder.parent)
     paths = sorted(f for f in args.folder.glob("*/*") if f.is_file())
+
     # folder names cannot hold "/", so "T-shirt/top" is written "T-shirt-top" on disk
     def truth_of(path: Path, classes: list[str]) -> str:
         by_disk = {c.replace("/", "-"): c for c in classes}

@@ -85,8 +85,7 @@ METHODS_IN_BATCH = {
     "bcl": {"cls_transform": "hybrid", "con_transforms": ["hybrid", "hybrid"]},
     # PBSD's boxes are drawn for the global batch, so they too are the single process's.
     "dscl": {"classifier_epochs": 1, "queue_size": 32},
-    "dscl-no-pbsd": {"name": "dscl", "pbsd_weight": 0.0, "classifier_epochs": 1,
-                     "queue_size": 32},
+    "dscl-no-pbsd": {"name": "dscl", "pbsd_weight": 0.0, "classifier_epochs": 1, "queue_size": 32},
     "ce": {},
 }
 

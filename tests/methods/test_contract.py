@@ -214,10 +214,15 @@ def test_two_stage_steps_are_sc_then_frozen_cross_entropy(tiny_fmnist):
     method.train()
     assert not method.backbone.training and method.classifier.training  # BN statistics frozen
     xc, yc, idx = batches["cls"]
+    norm, linear = method.classifier  # classifier_bn: affine-free BatchNorm, then the head
+    assert not norm.affine and torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
     terms = method.training_step({"cls": (xc, yc, idx)}, 2)
     with torch.no_grad():
-        ce = F.cross_entropy(method.classifier.fc(method.backbone(xc)), yc)
+        h = method.backbone(xc)
+        h_std = (h - h.mean(0)) / (h.var(0, unbiased=False) + norm.eps).sqrt()  # batch stats
+        ce = F.cross_entropy(linear.fc(h_std), yc)
     torch.testing.assert_close(terms["loss"], ce)
+    torch.testing.assert_close(norm.running_mean, norm.momentum * h.mean(0))  # learnt too
 
 
 @pytest.mark.parametrize("name", METHODS.names())

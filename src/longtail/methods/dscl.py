@@ -45,6 +45,7 @@ from longtail.methods.decoupled import (
     ClassifierStageOptions,
     check_stage_lengths,
     decoupled_stages,
+    standardised_classifier,
 )
 from longtail.models import ProjectionMLP
 
@@ -71,6 +72,7 @@ class DSCLOptions(MethodOptions, ClassifierStageOptions):
     classifier_lr: float = Field(0.5, gt=0)
     classifier_weight_decay: float = Field(0.0, ge=0)
     classifier_transform: TransformName = "crop-flip"
+    classifier_bn: bool = True  # ours: contrastive features make plain SGD diverge
 
 
 class DSCL(Method):
@@ -90,6 +92,7 @@ class DSCL(Method):
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier (trained in the classifier stage only)
+        standardised_classifier(self, self.opts)
         m, dim = self.cfg.model, self.backbone.feature_dim
         self.head = ProjectionMLP(dim, m.projection_hidden, m.projection_dim, m.projection_bn)
         # The key encoder: a momentum copy of the query encoder, never trained by gradients.

@@ -20,12 +20,15 @@ from longtail.methods.decoupled import (
     ClassifierStageOptions,
     check_stage_lengths,
     decoupled_stages,
+    standardised_classifier,
 )
 from longtail.methods.hybrid import PAPER
 
 
 class TwoStageOptions(ContrastiveOptions, ClassifierStageOptions):
     """Feature-branch options, then the classifier stage's."""
+
+    classifier_bn: bool = True  # ours: contrastive features make plain SGD diverge
 
 
 class TwoStageSC(Method):
@@ -36,6 +39,7 @@ class TwoStageSC(Method):
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier
+        standardised_classifier(self, self.opts)
         self.features = FeatureBranch.from_config(
             self.opts, self.cfg.model, self.backbone.feature_dim, data.num_classes
         )
