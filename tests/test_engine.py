@@ -48,11 +48,15 @@ def test_existing_run_dir_is_never_overwritten(tiny_fmnist, tmp_path):
     run = tmp_path / "run"
     api.train(cfg, run, progress=False)
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(UsageError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists") as error:
         api.train(cfg, run, progress=False)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
-    with pytest.raises(UsageError, match="no checkpoint"):
+    # the library names its own arguments; the command line its flags
+    assert "pass resume=True" in str(error.value) and "another out" in str(error.value)
+    assert "pass --resume" in error.value.for_cli() and "another --out" in error.value.for_cli()
+    with pytest.raises(UsageError, match="no checkpoint") as error:
         api.train(cfg, tmp_path / "fresh", resume=True, progress=False)
+    assert "--" not in str(error.value) and "{" not in str(error.value)
 
 
 def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):

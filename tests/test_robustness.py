@@ -255,7 +255,7 @@ def test_failing_checkpoint_write_keeps_the_previous_one(tiny_fmnist, tmp_path, 
         real(path, data)
 
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
-    with pytest.raises(LongtailError, match="No space left on device.*--resume"):
+    with pytest.raises(LongtailError, match="No space left on device.*resume=True"):
         api.train(config_from_dict(raw), tmp_path / "run", progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 0
 

@@ -65,7 +65,7 @@ def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
     if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
         raise UsageError(
             f"method.from_run: {source} stopped at epoch {ckpt['epoch'] + 1} of its first "
-            f"stage's {first}; finish it (longtail train --out {source} --resume) first"
+            f"stage's {first}; finish it first (train it again with {{resume}})"
         )
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
     mismatch = _state_mismatch(

@@ -322,7 +322,7 @@ def main() -> None:
     try:
         app(standalone_mode=False, prog_name="longtail")
     except LongtailError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_cli()}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Abort:
         print("aborted", file=sys.stderr)

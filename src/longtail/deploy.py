@@ -87,7 +87,7 @@ def predict_images(
         most probable classes as ``[name, probability]`` pairs).
     """
     if top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+        raise UsageError(f"{{top_k}} must be >= 1, got {top_k}")
     files = find_images(paths)
     cfg, method, info = load_run(run_dir, checkpoint)
     transform = build_transform(info.transform, info.image_size, info.channels, info.mean, info.std)
@@ -165,7 +165,7 @@ def export_run(
         The model file's path.
     """
     if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"{{format}} {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise UsageError(
             "ONNX export needs the onnx package: pip install 'longtail[export]' (or onnx)"
@@ -173,7 +173,7 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
     if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give the model file's path")
+        raise UsageError(f"{{out}} {out} is a directory; give the model file's path")
     _, method, info = load_run(run_dir, checkpoint, torch.device("cpu"))
     model = Predictor(method.float().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, info.channels, info.image_size, info.image_size)

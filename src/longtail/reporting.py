@@ -140,7 +140,7 @@ def report_run(
         try:
             data = build_data(cfg)
         except DataError as e:
-            raise DataError(f"the report needs the run's data set: {e}") from None
+            raise DataError(f"the report needs the run's data set: {e.template}") from None
     if method is None:
         method = build_method(cfg, data, device)
         path = out / CHECKPOINT_DIR / "last.pt"

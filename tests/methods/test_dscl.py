@@ -156,5 +156,8 @@ def test_from_run_needs_a_finished_first_stage(tiny_fmnist, tmp_path, monkeypatc
         api.train(config_from_dict(base), tmp_path / "first", progress=False)
     monkeypatch.undo()
     second = {**base, "method": {**base["method"], "from_run": str(tmp_path / "first")}}
-    with pytest.raises(UsageError, match="stopped at epoch 1 of its first stage's 3"):
+    with pytest.raises(UsageError, match="stopped at epoch 1 of its first stage's 3") as error:
         api.train(config_from_dict(second), tmp_path / "second", progress=False)
+    # the fix is spelt for whoever reads it: the API's argument, the command line's flag
+    assert str(error.value).endswith("train it again with resume=True)")
+    assert error.value.for_cli().endswith("train it again with --resume)")

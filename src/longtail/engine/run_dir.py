@@ -59,7 +59,7 @@ class RunDir:
         for p in (self.path, *self.path.parents):
             if p.exists() and not p.is_dir():
                 where = "" if p == self.path else f" (its parent {p} is a file)"
-                raise UsageError(f"--out {self.path} is not a directory{where}; give a folder")
+                raise UsageError(f"{{out}} {self.path} is not a directory{where}; give a folder")
             if p.exists():
                 break
 
@@ -70,14 +70,14 @@ class RunDir:
             return
         if self.started():
             raise UsageError(
-                f"run directory {self.path} already exists; pass --resume to continue it or "
-                "choose another --out"
+                f"run directory {self.path} already exists; pass {{resume}} to continue it or "
+                "choose another {out}"
             )
         foreign = sorted(p.name for p in self.path.iterdir() if not _is_run_entry(p.name))
         if foreign:
             raise UsageError(
-                f"--out {self.path} is not empty and is not a longtail run (it holds "
-                f"{foreign[0]!r}); choose another --out"
+                f"{{out}} {self.path} is not empty and is not a longtail run (it holds "
+                f"{foreign[0]!r}); choose another {{out}}"
             )
 
     def check_resumable(self) -> None:
@@ -85,11 +85,11 @@ class RunDir:
         if not self.started():
             if (self.path / "config.yaml").is_file():
                 raise UsageError(
-                    f"--resume: {self.path} has no checkpoint (its run stopped before the first "
-                    "epoch finished); run the same command without --resume"
+                    f"{{resume}}: {self.path} has no checkpoint (its run stopped before the first "
+                    "epoch finished); run the same command without {resume}"
                 )
             raise UsageError(
-                f"--resume: no checkpoint at {self.last}; start the run without --resume"
+                f"{{resume}}: no checkpoint at {self.last}; start the run without {{resume}}"
             )
 
     def clear_failed_start(self) -> bool:
@@ -135,7 +135,7 @@ class RunDir:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise UsageError(
                 f"run directory {self.path} is in use by another longtail process "
-                f"(pid {owner}); wait for it to finish or choose another --out"
+                f"(pid {owner}); wait for it to finish or choose another {{out}}"
             ) from None
 
     @contextlib.contextmanager
@@ -173,7 +173,7 @@ class RunDir:
                 os.fsync(f.fileno())
         except OSError as e:
             raise LongtailError(
-                f"cannot write checkpoints in {folder}: {e.strerror}; choose another --out or "
+                f"cannot write checkpoints in {folder}: {e.strerror}; choose another {{out}} or "
                 "fix its permissions"
             ) from None
         finally:
@@ -183,5 +183,5 @@ class RunDir:
             raise LongtailError(
                 f"not enough free space for checkpoints in {folder}: about "
                 f"{need_bytes / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free; free some "
-                "space or choose another --out"
+                "space or choose another {out}"
             )

@@ -301,7 +301,7 @@ def _save(state: dict[str, Any], path: Path) -> None:
     except OSError as e:
         raise LongtailError(
             f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept: free "
-            "some space (or fix the folder), then continue with --resume"
+            "some space (or fix the folder), then continue with {resume}"
         ) from None
 
 
