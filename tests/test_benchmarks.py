@@ -1,0 +1,69 @@
+"""The accuracy benchmark's budget scaling (generated from its entries) and the per-class plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy  # noqa: E402
+import per_class_plot  # noqa: E402
+
+from longtail.build import validate  # noqa: E402
+from longtail.config import config_from_dict, load_config  # noqa: E402
+
+
+@pytest.mark.parametrize("entry", sorted(accuracy.ENTRIES))
+def test_every_entry_scales_to_a_valid_budget(entry):
+    recipe, method, *sections = accuracy.ENTRIES[entry]
+    path = ROOT / "configs" / "fashion-mnist" / recipe
+    full = load_config(path)
+    raw = accuracy.budget_config(path, method, 10, 128, sections[0] if sections else {})
+    cfg = validate(config_from_dict(raw))
+    scale = 10 / full.train.epochs
+    assert cfg.train.epochs == 10 and cfg.train.batch_size == 128
+    assert cfg.method_name == method.get("name", full.method_name)
+    optim = (sections[0] if sections else {}).get("optim", {})
+    # the recipe's lr, linear in the batch size, unless the entry sets its own
+    expect_lr = optim.get("lr", full.optim.lr * 128 / full.train.batch_size)
+    assert cfg.optim.lr == pytest.approx(expect_lr)
+    assert cfg.optim.warmup_epochs == pytest.approx(full.optim.warmup_epochs * scale)
+    assert cfg.optim.milestones == sorted({max(1, round(m * scale)) for m in full.optim.milestones})
+    options = cfg.method_options
+    if "classifier_epochs" in options:
+        assert 1 <= options["classifier_epochs"] < 10
+    for key in ("reweight_epoch", "resample_epoch"):
+        if options.get(key):
+            assert 1 <= options[key] <= 10
+    for section, values in (sections[0] if sections else {}).items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, (section, key)
+
+
+def test_per_class_plot_orders_head_to_tail_and_averages_seeds(tmp_path):
+    def run(entry, seed, top1, per_class):
+        return {
+            "entry": entry, "seed": seed, "top1": top1, "per_class": per_class,
+            "classes": ["a", "b", "c"], "train_counts": [5, 50, 20],
+        }  # fmt: skip
+
+    runs = {
+        "ce@seed0": run("ce", 0, 0.5, [0.2, 0.9, 0.4]),
+        "x@seed0": run("x", 0, 0.9, [0.8, 1.0, 0.7]),
+        "x@seed1": run("x", 1, 0.8, [0.6, 1.0, 0.9]),
+        "y@seed0": run("y", 0, 0.6, [0.5, 0.5, 0.5]),
+    }
+    results = {"runs": runs, "budget": {"dataset": "toy", "epochs": 2}}
+    shown = per_class_plot.plot(results, 1, "ce", tmp_path / "p.png")
+    assert list(shown) == ["x", "ce"]  # the best entry by mean top-1, then the baseline
+    assert shown["x"]["classes_head_to_tail"] == ["b", "c", "a"]
+    assert shown["x"]["mean"] == pytest.approx([0.7, 1.0, 0.8])  # indexed by class
+    assert shown["x"]["low"] == [0.6, 1.0, 0.7] and shown["x"]["high"] == [0.8, 1.0, 0.9]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="'bogus' is not in the table"):
+        per_class_plot.plot(results, 1, "bogus", tmp_path / "q.png")
+    json.dumps(shown)  # the script writes it beside the PNG
