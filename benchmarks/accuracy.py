@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
+from provenance import commit, hardware
 
 from longtail.api import train
 from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
@@ -160,16 +156,8 @@ def main() -> None:
     results_path = args.out / "accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("runs", {})
-    results["hardware"] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-    }
-    results["commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    results["hardware"] = hardware()
+    results["commit"] = commit()
     results["budget"] = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -210,6 +198,9 @@ def main() -> None:
                 "method": raw["method"],
                 "lr": raw["optim"]["lr"],
                 "milestones": raw["optim"]["milestones"],
+                # a folder's runs can span sessions: each keeps its own source and machine
+                "commit": results["commit"],
+                "cpu": results["hardware"]["cpu"],
             }
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{key}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
@@ -242,7 +233,7 @@ def merge(folders: list[Path], out: Path) -> None:
         for key, run in part["runs"].items():
             if key in merged["runs"]:
                 raise SystemExit(f"{key} is in two of the folders; merge one of them")
-            merged["runs"][key] = {**run, "commit": part.get("commit")}
+            merged["runs"][key] = {"commit": part.get("commit"), **run}
         merged.setdefault("hardware", part["hardware"])
         merged.setdefault("budget", part["budget"])
     merged["commit"] = ", ".join(sorted({str(p["commit"]) for p in merged["parts"]}))

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+from provenance import commit, hardware
 
 from longtail.api import train
 from longtail.config import load_config
@@ -65,13 +63,8 @@ def main() -> None:
     folder = export_folder(args.out / "fmnist-lt50-folder")
     path = args.out / "collapse.json"
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    results["hardware"] = {
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-    }
-    results["commit"] = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    results["hardware"] = hardware()
+    results["commit"] = commit()
     for variant in args.variants:
         for seed in args.seeds:
             key = f"{variant}@seed{seed}"

@@ -20,13 +20,12 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from provenance import commit, cpu_name
 
 from longtail.build import build_data, build_method, validate
 from longtail.config import load_config
@@ -117,15 +116,13 @@ def main() -> None:
     device = torch.device(args.device)
     results = {
         "hardware": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
         },
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        "commit": commit(),
         "steps": args.steps,
         "rounds": args.rounds,
         "runs": {},
