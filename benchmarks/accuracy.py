@@ -249,18 +249,22 @@ def merge(folders: list[Path], out: Path) -> None:
 
 
 def write_table(results: dict, path: Path) -> None:
-    """One row per entry: mean (and sample sd) over the seeds run, per-seed top-1 beside."""
+    """One row per entry, best mean top-1 first: mean (and sample sd) over the seeds run,
+    per-seed top-1 beside, and the arguments that ran it. Wall time and images/s are those of
+    the entry's lowest seed, so that rows made under the same conditions compare (runs of one
+    entry can come from different sessions and machines)."""
     b, hw = results["budget"], results["hardware"]
     lines = [
         f"Budget run: dataset `{b['dataset']}` (ratio 100, overrides {b['overrides']}), "
         f"{b['epochs']} epochs, batch {b['batch_size']} per branch; commit "
         f"{results.get('commit', '?')}; {hw['cpu']}, "
         f"{hw['cores']} cores, CUDA: {hw['cuda']}, torch {hw['torch']}. Accuracies: last epoch, "
-        "full balanced test set; means over training seeds (same long-tailed subset).",
+        "full balanced test set; means over training seeds (same long-tailed subset). Wall "
+        "time and images/s: the lowest seed's run.",
         "",
         "| method | paper | seeds | top-1 mean | top-1 sd | top-1 per seed | many | medium | few "
-        "| ECE | wall time per run (s) | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ECE | wall time per run (s) | images/s | run with |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_entry: dict[str, list[dict]] = {}
     for r in results["runs"].values():
@@ -270,17 +274,21 @@ def write_table(results: dict, path: Path) -> None:
         vals = [r[k] for r in rows if r[k] is not None]
         return f"{statistics.fmean(vals):.4f}" if vals else "-"
 
-    for name, rows in by_entry.items():
+    for name, rows in sorted(
+        by_entry.items(), key=lambda item: -statistics.fmean(r["top1"] for r in item[1])
+    ):
         rows = sorted(rows, key=lambda r: r["seed"])
         top1 = [r["top1"] for r in rows]
         sd = f"{statistics.stdev(top1):.4f}" if len(top1) > 1 else "-"
         per_seed = ", ".join(f"{v:.4f}" for v in top1)
-        rates = [r["images_per_s"] for r in rows if "images_per_s" in r]  # older runs lack it
-        ips = f"{statistics.fmean(rates):.0f}" if rates else "-"
+        first = rows[0]
+        ips = f"{first['images_per_s']:.0f}" if "images_per_s" in first else "-"  # older runs
+        seeds = " ".join(str(r["seed"]) for r in rows)
         lines.append(
-            f"| {name} | {paper(rows[0])} | {len(rows)} | {mean(rows, 'top1')} | {sd} | "
+            f"| {name} | {paper(first)} | {len(rows)} | {mean(rows, 'top1')} | {sd} | "
             f"{per_seed} | {mean(rows, 'many')} | {mean(rows, 'medium')} | {mean(rows, 'few')} | "
-            f"{mean(rows, 'ece')} | {statistics.fmean(r['wall_s'] for r in rows):.0f} | {ips} |"
+            f"{mean(rows, 'ece')} | {first['wall_s']:.0f} | {ips} | "
+            f"`--entries {name} --seeds {seeds}` |"
         )
     path.write_text("\n".join(lines) + "\n")
 
