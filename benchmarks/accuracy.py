@@ -254,8 +254,10 @@ def write_table(results: dict, path: Path) -> None:
     the entry's lowest seed, so that rows made under the same conditions compare (runs of one
     entry can come from different sessions and machines)."""
     b, hw = results["budget"], results["hardware"]
+    # the entries' recipes are the ratio-100 ones unless an override says otherwise
+    ratio = next((o.split("=", 1)[1] for o in b["overrides"] if o.startswith("data.ratio=")), 100)
     lines = [
-        f"Budget run: dataset `{b['dataset']}` (ratio 100, overrides {b['overrides']}), "
+        f"Budget run: dataset `{b['dataset']}` (ratio {ratio}, overrides {b['overrides']}), "
         f"{b['epochs']} epochs, batch {b['batch_size']} per branch; commit "
         f"{results.get('commit', '?')}; {hw['cpu']}, "
         f"{hw['cores']} cores, CUDA: {hw['cuda']}, torch {hw['torch']}. Accuracies: last epoch, "

@@ -76,8 +76,9 @@ def plot(results: dict, top: int, baseline: str, out: Path) -> dict:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     b = results["budget"]
+    ratio = next((o.split("=", 1)[1] for o in b.get("overrides", []) if "data.ratio=" in o), 100)
     ax.set_title(
-        f"{b['dataset']}-LT r100, {b['epochs']} epochs: per-class test accuracy "
+        f"{b['dataset']}-LT r{ratio}, {b['epochs']} epochs: per-class test accuracy "
         "(mean over seeds; bars: lowest and highest seed)",
         fontsize=9,
     )
