@@ -192,6 +192,7 @@ def main() -> None:
                 "wall_s": wall,
                 "images_per_s": images_per_s(run_dir / "metrics.jsonl"),
                 "per_class": test["per_class"],
+                "confusion": test["confusion"],  # rows: true class, columns: predicted
                 "classes": test["classes"],
                 "train_counts": test["train_counts"],
                 "epochs": args.epochs,
