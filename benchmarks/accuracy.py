@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from provenance import commit, hardware
+from provenance import commit, hardware, imbalance_ratio
 
 from longtail.api import train
 from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
@@ -255,8 +255,7 @@ def write_table(results: dict, path: Path) -> None:
     the entry's lowest seed, so that rows made under the same conditions compare (runs of one
     entry can come from different sessions and machines)."""
     b, hw = results["budget"], results["hardware"]
-    # the entries' recipes are the ratio-100 ones unless an override says otherwise
-    ratio = next((o.split("=", 1)[1] for o in b["overrides"] if o.startswith("data.ratio=")), 100)
+    ratio = imbalance_ratio(b)
     lines = [
         f"Budget run: dataset `{b['dataset']}` (ratio {ratio}, overrides {b['overrides']}), "
         f"{b['epochs']} epochs, batch {b['batch_size']} per branch; commit "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from provenance import imbalance_ratio
 
 
 def per_class_rows(runs: dict[str, dict]) -> dict[str, dict]:
@@ -76,7 +77,7 @@ def plot(results: dict, top: int, baseline: str, out: Path) -> dict:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     b = results["budget"]
-    ratio = next((o.split("=", 1)[1] for o in b.get("overrides", []) if "data.ratio=" in o), 100)
+    ratio = imbalance_ratio(b)
     ax.set_title(
         f"{b['dataset']}-LT r{ratio}, {b['epochs']} epochs: per-class test accuracy "
         "(mean over seeds; bars: lowest and highest seed)",

@@ -1,4 +1,4 @@
-"""Where a benchmark's numbers came from: the machine and the source commit."""
+"""Where a benchmark's numbers came from: the machine, the source commit and the data set."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 
 def cpu_name() -> str:
@@ -24,6 +22,8 @@ def cpu_name() -> str:
 
 def hardware() -> dict:
     """CPU, cores, GPU (or None), torch and Python versions."""
+    import torch  # here, so that scripts that only read results need no torch
+
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -41,3 +41,10 @@ def commit() -> str:
 
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
+
+
+def imbalance_ratio(budget: dict) -> str:
+    """The imbalance ratio an accuracy run trained at: its ``data.ratio=`` override, else the
+    recipes' own 100."""
+    overrides = budget.get("overrides", [])
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("data.ratio=")), "100")

@@ -67,3 +67,11 @@ def test_per_class_plot_orders_head_to_tail_and_averages_seeds(tmp_path):
     with pytest.raises(SystemExit, match="'bogus' is not in the table"):
         per_class_plot.plot(results, 1, "bogus", tmp_path / "q.png")
     json.dumps(shown)  # the script writes it beside the PNG
+
+
+def test_imbalance_ratio_reads_the_data_ratio_override():
+    import provenance
+
+    assert provenance.imbalance_ratio({"overrides": ["train.threads=1", "data.ratio=200"]}) == "200"
+    assert provenance.imbalance_ratio({"overrides": ["train.threads=1"]}) == "100"
+    assert provenance.imbalance_ratio({}) == "100"
