@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
 import per_class_plot  # noqa: E402
+import provenance  # noqa: E402
 
 from longtail.build import validate  # noqa: E402
 from longtail.config import config_from_dict, load_config  # noqa: E402
@@ -70,8 +71,6 @@ def test_per_class_plot_orders_head_to_tail_and_averages_seeds(tmp_path):
 
 
 def test_imbalance_ratio_reads_the_data_ratio_override():
-    import provenance
-
     assert provenance.imbalance_ratio({"overrides": ["train.threads=1", "data.ratio=200"]}) == "200"
     assert provenance.imbalance_ratio({"overrides": ["train.threads=1"]}) == "100"
     assert provenance.imbalance_ratio({}) == "100"
