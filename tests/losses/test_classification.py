@@ -80,6 +80,12 @@ def test_logit_adjustment_and_balanced_softmax():
             [-torch.log_softmax(logits[i] + tau * log_prior, 0)[y[i]] for i in range(len(y))]
         ).mean()
         torch.testing.assert_close(logit_adjusted_loss(logits, y, log_prior, tau), ref)
+        w = torch.arange(1.0, len(COUNTS) + 1, dtype=F64)  # weights of the re-weighted form
+        weighted = torch.stack(
+            [-w[y[i]] * torch.log_softmax(logits[i] + tau * log_prior, 0)[y[i]]
+             for i in range(len(y))]
+        ).mean()  # fmt: skip
+        torch.testing.assert_close(logit_adjusted_loss(logits, y, log_prior, tau, w), weighted)
     torch.testing.assert_close(
         balanced_softmax_loss(logits, y, counts), logit_adjusted_loss(logits, y, log_prior, 1.0)
     )

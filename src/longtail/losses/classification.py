@@ -116,7 +116,11 @@ def ldam_loss(
 
 
 def logit_adjusted_loss(
-    logits: Tensor, labels: Tensor, log_prior: Tensor, tau: float = 1.0
+    logits: Tensor,
+    labels: Tensor,
+    log_prior: Tensor,
+    tau: float = 1.0,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Logit-adjusted cross-entropy (Menon et al. 2021): CE of ``logits + tau log pi``.
 
@@ -125,11 +129,12 @@ def logit_adjusted_loss(
         labels: (N,) integer labels.
         log_prior: (C,) log of the training class frequencies.
         tau: Adjustment strength.
+        weight: (C,) optional class weights, as for :func:`weighted_cross_entropy`.
     """
     _check(logits, labels)
     with _full_precision(logits.device):
         logits = _upcast(logits)
-        return F.cross_entropy(logits + tau * log_prior.to(logits), labels.long())
+        return weighted_cross_entropy(logits + tau * log_prior.to(logits), labels, weight)
 
 
 def balanced_softmax_loss(logits: Tensor, labels: Tensor, counts: Tensor) -> Tensor:

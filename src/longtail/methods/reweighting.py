@@ -107,9 +107,9 @@ class Reweighting(Method):
         elif o.loss == "ldam":
             loss = ldam_loss(out, y, self.margins, o.scale, weight)
         elif o.loss == "logit-adjust":
-            loss = logit_adjusted_loss(out, y, self.log_prior, o.tau)
+            loss = logit_adjusted_loss(out, y, self.log_prior, o.tau, weight)
         elif o.loss == "balanced-softmax":
-            loss = logit_adjusted_loss(out, y, self.log_prior, 1.0)
+            loss = logit_adjusted_loss(out, y, self.log_prior, 1.0, weight)
         else:
             loss = weighted_cross_entropy(out, y, weight)
         return {"loss": loss, o.loss: loss}
