@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from longtail.methods import METHODS
 from longtail.methods.bbn import BBN
 from longtail.methods.bcl import BCL
 from longtail.methods.ce import CrossEntropy
@@ -49,6 +50,24 @@ StateAfter = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
 
 def no_state_change(before: dict[str, Tensor], stepped: dict[str, Tensor]) -> dict[str, Tensor]:
     return {}
+
+
+def section(name: str, **extra: Any) -> dict[str, Any]:
+    """The method's options for a 4-epoch run on tiny data (stages of 2 + 2 epochs, DRW and
+    DRS switching at epoch 2, a 16-key queue that the loop references can score)."""
+    fields = METHODS.get(name).Options.model_fields
+    defaults = METHODS.meta(name)["defaults"]
+    out: dict[str, Any] = {"name": name}
+    if "classifier_epochs" in fields:
+        out["classifier_epochs"] = 2
+    if "queue_size" in fields:
+        out["queue_size"] = 16  # the loop reference scores every slot
+    for switch in ("reweight_epoch", "resample_epoch"):
+        if defaults.get(switch):
+            out[switch] = 2
+    if name == "tau-norm":
+        out["tau"] = 1.0  # no validation split here
+    return {**out, **extra}
 
 
 # --- formulas ---------------------------------------------------------------------------------

@@ -16,12 +16,16 @@ from conftest import make_fashion_mnist, tiny_config
 from longtail import api
 from longtail.build import build_data, build_method, validate
 from longtail.config import config_from_dict
-from longtail.data import KPerClassBatchSampler, build_sampler
+from longtail.data import KPerClassBatchSampler, build_sampler, set_loader_epoch
+from longtail.methods import METHODS
+from method_references import section
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# Run by torchrun in each of 2 processes: the method's loss and gradients (in float64) on this
-# process's half of a fixed global batch, inside DistributedDataParallel, saved by rank 0.
+# Run by torchrun in each of 2 processes: for every method and every stage, the loss and the
+# gradients (float64) of this process's half of a fixed global batch, inside
+# DistributedDataParallel, the epoch loss as the engine logs it (averaged over the processes),
+# and the queues after the step; saved by rank 0.
 STEP = textwrap.dedent(
     """
     import json, sys
@@ -31,43 +35,41 @@ STEP = textwrap.dedent(
     from longtail.config import config_from_dict
     from longtail.engine import distributed
 
-    raw, out = json.loads(open(sys.argv[1]).read()), sys.argv[2]
+    configs, out = json.loads(open(sys.argv[1]).read()), sys.argv[2]
+    all_batches = torch.load(sys.argv[4])
     distributed.setup("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = validate(config_from_dict(raw))
-    torch.manual_seed(0)
-    method = build_method(cfg, build_data(cfg)).double().eval()
-    method.on_stage_start(method.stages()[0])
-    method.on_epoch_start(0)
-    batches = torch.load(sys.argv[4])
     part = lambda t: t.chunk(world)[rank]
-    local = {k: ([part(v) for v in x] if isinstance(x, list) else part(x), part(y), part(j))
-             for k, (x, y, j) in batches.items()}
-    model = distributed.wrap(method, torch.device("cpu"))
-    terms = model(local, 0)
-    terms["loss"].backward()
-    method.after_optimizer_step()
-    losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(losses, terms["loss"].detach())
+    results = {}
+    for name, raw in configs.items():
+        cfg = validate(config_from_dict(raw))
+        torch.manual_seed(0)
+        method = build_method(cfg, build_data(cfg)).double().eval()
+        epoch = 0
+        for i, stage in enumerate(method.stages()):
+            method.on_stage_start(stage)
+            method.eval()
+            method.on_epoch_start(epoch)
+            local = {k: ([part(v) for v in x] if isinstance(x, list) else part(x), part(y), part(j))
+                     for k, (x, y, j) in all_batches[name][i].items()}
+            model = distributed.wrap(method, torch.device("cpu"))
+            method.zero_grad(set_to_none=True)
+            terms = model(local, epoch)
+            terms["loss"].backward()
+            method.after_optimizer_step()
+            losses = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(losses, terms["loss"].detach())
+            logged = distributed.mean_over_processes({"loss": float(terms["loss"])})["loss"]
+            grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+            buffers = {n: b.clone() for n, b in method.named_buffers() if n.startswith("queue")}
+            results[(name, i)] = {"loss": torch.stack(losses).mean(), "logged": logged,
+                                  "grads": grads, "buffers": buffers}
+            epoch += stage.epochs
     if rank == 0:
-        grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
-        buffers = {n: b for n, b in method.named_buffers() if n.startswith("queue")}
-        torch.save({"loss": torch.stack(losses).mean(), "grads": grads, "buffers": buffers}, out)
+        torch.save(results, out)
     distributed.exit_process(0)
     """
 )
-
-
-def _global_batch(name: str, b: int = 8):
-    gen = torch.Generator().manual_seed(5)
-    views = [torch.randn(b, 1, 28, 28, generator=gen, dtype=torch.float64) for _ in range(3)]
-    y = torch.tensor([0, 3, 3, 9, 5, 0, 1, 3])[:b]
-    idx = torch.arange(b)
-    return {
-        "con": (views[:2], y, idx),
-        "cls": (views[2], y.flip(0), idx),
-        "views": (views[:2] if name.startswith("dscl") else views, y, idx),  # DSCL: query and key
-    }
 
 
 def _torchrun(tmp: Path, script: str, *args: str, n: int = 2) -> subprocess.CompletedProcess:
@@ -78,46 +80,82 @@ def _torchrun(tmp: Path, script: str, *args: str, n: int = 2) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-METHODS_IN_BATCH = {
-    "hybrid-sc": {},
-    "hybrid-psc": {},
-    "hybrid-mpsc": {"num_prototypes": 2},
-    "bcl": {"cls_transform": "hybrid", "con_transforms": ["hybrid", "hybrid"]},
-    # PBSD's boxes are drawn for the global batch, so they too are the single process's.
-    "dscl": {"classifier_epochs": 1, "queue_size": 32},
-    "dscl-no-pbsd": {"name": "dscl", "pbsd_weight": 0.0, "classifier_epochs": 1, "queue_size": 32},
-    "ce": {},
-}
+def _config(root: Path, name: str) -> dict:
+    return tiny_config(root, method=section(name), train={"epochs": 4, "batch_size": 8})
 
 
-@pytest.mark.parametrize("name", list(METHODS_IN_BATCH))
-def test_two_processes_give_the_single_process_loss_and_gradients(name, tiny_fmnist, tmp_path):
-    raw = tiny_config(tiny_fmnist, method={"name": name, **METHODS_IN_BATCH[name]},
-                      train={"epochs": 3, "batch_size": 8})  # fmt: skip
-    (tmp_path / "cfg.json").write_text(json.dumps(raw))
-    batches = _global_batch(name)
-    torch.save(batches, tmp_path / "batches.pt")
-    done = _torchrun(tmp_path, STEP, str(tmp_path / "cfg.json"), str(tmp_path / "ddp.pt"), str(SRC),
-                     str(tmp_path / "batches.pt"))  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp.pt")
+def _stage_batches(method, data) -> list[dict]:
+    """One global batch (float64) from each loader of each of the method's stages."""
+    out, epoch = [], 0
+    for stage in method.stages():
+        method.on_stage_start(stage)
+        batches = {}
+        for k, loader in method.loaders(data, stage).items():
+            set_loader_epoch(loader, epoch)
+            x, y, j = next(iter(loader))
+            x = [v.double() for v in x] if isinstance(x, list) else x.double()
+            batches[k] = (x, y, j)
+        out.append(batches)
+        epoch += stage.epochs
+    return out
 
+
+def _single_process(raw: dict, batches: list[dict]) -> list[dict]:
+    """What one process computes on each stage's whole global batch."""
     cfg = validate(config_from_dict(raw))
     torch.manual_seed(0)
     method = build_method(cfg, build_data(cfg)).double().eval()
-    method.on_stage_start(method.stages()[0])
-    method.on_epoch_start(0)
-    loss = method(batches, 0)["loss"]
-    loss.backward()
-    method.after_optimizer_step()
-    # In float64 the two differ only by the order of sums: equal far below 1e-6.
-    torch.testing.assert_close(ddp["loss"], loss.detach(), rtol=1e-10, atol=1e-10)
-    grads = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
-    assert grads.keys() == ddp["grads"].keys()
-    for n, g in grads.items():
-        torch.testing.assert_close(ddp["grads"][n], g, rtol=1e-9, atol=1e-10, msg=n)
-    for n, b in ddp["buffers"].items():  # DSCL: every process queued the global batch's keys
-        torch.testing.assert_close(b, dict(method.named_buffers())[n], msg=n)
+    out, epoch = [], 0
+    for stage, stage_batches in zip(method.stages(), batches, strict=True):
+        method.on_stage_start(stage)
+        method.eval()
+        method.on_epoch_start(epoch)
+        method.zero_grad(set_to_none=True)
+        loss = method(stage_batches, epoch)["loss"]
+        loss.backward()
+        method.after_optimizer_step()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        buffers = {n: b.clone() for n, b in method.named_buffers() if n.startswith("queue")}
+        out.append({"loss": loss.detach(), "grads": grads, "buffers": buffers})
+        epoch += stage.epochs
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_steps(tmp_path_factory):
+    """Every registered method's steps, computed by two processes (one torchrun for all)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    root = make_fashion_mnist(tmp / "fm")
+    configs, batches = {}, {}
+    for name in METHODS.names():
+        configs[name] = _config(root, name)
+        cfg = validate(config_from_dict(configs[name]))
+        data = build_data(cfg)
+        torch.manual_seed(0)
+        batches[name] = _stage_batches(build_method(cfg, data), data)
+    (tmp / "cfg.json").write_text(json.dumps(configs))
+    torch.save(batches, tmp / "batches.pt")
+    done = _torchrun(tmp, STEP, str(tmp / "cfg.json"), str(tmp / "ddp.pt"), str(SRC),
+                     str(tmp / "batches.pt"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return configs, batches, torch.load(tmp / "ddp.pt")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_two_processes_give_the_single_process_loss_and_gradients(name, two_process_steps):
+    configs, batches, ddp = two_process_steps
+    single = _single_process(configs[name], batches[name])
+    for i, one in enumerate(single):
+        two = ddp[(name, i)]
+        # In float64 the two differ only by the order of sums: equal far below 1e-6. A loss
+        # summed over the processes, or gradients of the wrong scale, are off by a factor.
+        torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-10, atol=1e-10)
+        assert two["logged"] == pytest.approx(float(one["loss"]), rel=1e-10)
+        assert one["grads"].keys() == two["grads"].keys() and one["grads"], (name, i)
+        for n, g in one["grads"].items():
+            torch.testing.assert_close(two["grads"][n], g, rtol=1e-9, atol=1e-10, msg=n)
+        for n, b in two["buffers"].items():  # DSCL: every process queued the global batch's keys
+            torch.testing.assert_close(b, one["buffers"][n], msg=n)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

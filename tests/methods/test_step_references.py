@@ -24,9 +24,9 @@ from longtail.config import config_from_dict
 from longtail.data import loader_sampler, set_loader_epoch
 from longtail.errors import UsageError
 from longtail.methods import METHODS
-from method_references import REFERENCES
+from method_references import REFERENCES, section
 
-EPOCHS = 4  # staged methods: 2 + 2; switches (DRW, DRS) at epoch 2
+EPOCHS = 4  # staged methods: 2 + 2; switches (DRW, DRS) at epoch 2 (method_references.section)
 LR = 0.1  # the plain SGD step taken between training_step and after_optimizer_step
 
 # Options read only when another option has a value: the test perturbs them in that setting.
@@ -58,23 +58,6 @@ VALUES = {"classifier_max_norm": [0.1]}
 NO_EFFECT = {
     "block_size": "anchors are scored in blocks of this many: the same loss in less memory",
 }
-
-
-def section(name: str, **extra: Any) -> dict[str, Any]:
-    """The method's options for a 4-epoch run on tiny Fashion-MNIST."""
-    fields = METHODS.get(name).Options.model_fields
-    defaults = METHODS.meta(name)["defaults"]
-    out: dict[str, Any] = {"name": name}
-    if "classifier_epochs" in fields:
-        out["classifier_epochs"] = 2
-    if "queue_size" in fields:
-        out["queue_size"] = 16  # the loop reference scores every slot
-    for switch in ("reweight_epoch", "resample_epoch"):
-        if defaults.get(switch):
-            out[switch] = 2
-    if name == "tau-norm":
-        out["tau"] = 1.0  # no validation split here
-    return {**out, **extra}
 
 
 def build(root, method: dict[str, Any]):
