@@ -252,6 +252,44 @@ def test_torchscript_export_matches_pytorch(trained, tmp_path):
     torch.testing.assert_close(model(x), _reference_logits(trained, x), atol=1e-5, rtol=1e-5)
 
 
+def _prepare_from_card(card: dict, path: Path) -> np.ndarray:
+    """An image made ready for the exported model with nothing but its card (and PIL)."""
+    channels = card["input"]["shape"][1]
+    img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    side, crop = card["resize_shorter_side"], card["centre_crop"]
+    w, h = img.size
+    if min(w, h) != side:
+        img = img.resize((round(w * side / min(w, h)), round(h * side / min(w, h))), Image.BILINEAR)
+    left, top = (img.size[0] - crop) // 2, (img.size[1] - crop) // 2
+    x = np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255
+    x = x.reshape(crop, crop, channels).transpose(2, 0, 1)
+    mean = np.asarray(card["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(card["std"], dtype=np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def test_the_exported_model_and_its_card_alone_reproduce_evaluation(
+    trained, pattern_folder, tmp_path
+):
+    path = export_run(trained, "torchscript", tmp_path / "m.pt")
+    card = json.loads(path.with_name("m.pt.json").read_text())
+    pre = json.loads((trained / "data.json").read_text())["preprocess"]
+    assert (card["mean"], card["std"]) == (pre["mean"], pre["std"])
+    assert card["centre_crop"] == pre["image_size"] and card["input"]["shape"][1] == pre["channels"]
+    files = sorted((pattern_folder / "test").rglob("*.png"))
+    x = torch.from_numpy(np.stack([_prepare_from_card(card, f) for f in files]))
+    with torch.no_grad():
+        probs = torch.jit.load(str(path))(x).softmax(dim=1)
+    rows = predict_images(trained, files)
+    assert [card["classes"][i] for i in probs.argmax(1)] == [r["class"] for r in rows]
+    np.testing.assert_allclose(probs.max(1).values, [r["probability"] for r in rows], atol=1e-5)
+    correct = [
+        f.parent.name == card["classes"][i] for f, i in zip(files, probs.argmax(1), strict=True)
+    ]
+    ev = json.loads((trained / "eval_test.json").read_text())
+    assert np.mean(correct) == pytest.approx(ev["top1"])
+
+
 def test_export_bad_format_is_a_usage_error(trained):
     done = _longtail("export", str(trained), "--format", "tflite")
     assert done.returncode == 2 and "onnx, torchscript" in done.stderr

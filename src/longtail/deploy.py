@@ -127,6 +127,12 @@ def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, An
         if info.transform == "test"
         else [f"longtail's {info.transform!r} preset at {info.image_size} px"]
     )
+    # The same steps as numbers, for code that prepares images from the card alone.
+    geometry = (
+        {"resize_shorter_side": side, "interpolation": "bilinear", "centre_crop": info.image_size}
+        if info.transform == "test"
+        else {}
+    )
     return {
         "model": model_file,
         "format": fmt,
@@ -142,6 +148,7 @@ def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, An
             "scale pixel values to [0, 1]",
             "subtract mean, divide by std, per channel",
         ],
+        **geometry,
         "mean": info.mean,
         "std": info.std,
         "classes": info.classes,
