@@ -59,7 +59,17 @@ def test_existing_run_dir_is_never_overwritten(tiny_fmnist, tmp_path):
     assert "--" not in str(error.value) and "{" not in str(error.value)
 
 
-def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("draws", [False, True], ids=["plain", "step-draws-random-numbers"])
+def test_resume_continues_exactly(draws, tiny_fmnist, tmp_path, monkeypatch):
+    if draws:  # a step that draws from torch's global generator (dropout, say): the draws
+        step = METHODS.get("ce").training_step  # after a resume must be the ones it would
+
+        # have drawn, so the checkpoint must carry the generator's state
+        def noisy(self, batches, epoch):
+            terms = step(self, batches, epoch)
+            return {**terms, "loss": terms["loss"] * (1 + torch.rand(()))}
+
+        monkeypatch.setattr(METHODS.get("ce"), "training_step", noisy)
     raw = tiny_config(tiny_fmnist, train={"epochs": 3})
     full = tmp_path / "full"
     api.train(config_from_dict(raw), full, progress=False)
@@ -84,6 +94,28 @@ def test_resume_continues_exactly(tiny_fmnist, tmp_path, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert [r["epoch"] for r in _read_metrics(cut)] == [1, 2, 3]
+
+
+def test_logged_epoch_terms_are_the_mean_over_its_steps(tiny_fmnist, tmp_path, monkeypatch):
+    # Every step of an epoch has a full batch (the loaders drop the last, short one), so the
+    # mean over steps is the mean over the epoch's images too.
+    step, seen = METHODS.get("hybrid-sc").training_step, []
+
+    def recording(self, batches, epoch):
+        terms = step(self, batches, epoch)
+        seen.append((epoch, {k: float(v) for k, v in terms.items()}))
+        return terms
+
+    monkeypatch.setattr(METHODS.get("hybrid-sc"), "training_step", recording)
+    raw = tiny_config(tiny_fmnist, method={"name": "hybrid-sc"}, train={"epochs": 2})
+    api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    for row in _read_metrics(tmp_path / "run"):
+        steps = [t for e, t in seen if e == row["epoch"] - 1]
+        assert len(steps) == row["steps"] > 1
+        assert {f"train/{k}" for k in steps[0]} <= row.keys()
+        for k in steps[0]:  # loss, con (not in the last epoch: alpha is 0) and ce
+            mean = sum(t[k] for t in steps) / len(steps)
+            assert row[f"train/{k}"] == pytest.approx(mean, rel=1e-6), k
 
 
 @pytest.mark.parametrize("method", METHODS.names())
