@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -317,6 +317,12 @@ values = st.recursive(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(doc=st.one_of(values, st.dictionaries(st.sampled_from(KEYS), values, max_size=6)))
+@example(doc={"_base_": "\n"})  # once drawn at random: a newline in the path split the message
+@example(doc={"_base_": "x\ny.yaml"})
+@example(doc={"_base_": "  "})
+@example(doc={"_base_": ["a.yaml"]})
+@example(doc={"_base_": {"a": 1}})
+@example(doc={"_base_": ""})
 def test_random_yaml_configs_never_raise_a_traceback(doc, tmp_path):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -21,7 +21,7 @@ from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import fit, seed_everything
-from longtail.errors import UsageError
+from longtail.errors import UsageError, shown
 from longtail.methods import Method
 from longtail.reporting import report_run
 from longtail.runs import (
@@ -53,18 +53,21 @@ def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
     the classifier, which stays new for the classifier stage."""
     run = RunDir(source)
     if not run.started():
-        raise UsageError(f"method.from_run: {source} has no checkpoint; train its first stage")
+        raise UsageError(
+            f"method.from_run: {shown(source)} has no checkpoint; train its first stage"
+        )
     other = read_run_config(run.path)
     if other.method_name != cfg.method_name or other.model != cfg.model:
         raise UsageError(
-            f"method.from_run: {source} trained {other.method_name} with another model section; "
+            f"method.from_run: {shown(source)} trained {other.method_name} with another model "
+            "section; "
             "give a run of the same method and model"
         )
     ckpt = load_checkpoint(run.last)
     first = other.train.epochs - int(other.method.get("classifier_epochs", 0))
     if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
         raise UsageError(
-            f"method.from_run: {source} stopped at epoch {ckpt['epoch'] + 1} of its first "
+            f"method.from_run: {shown(source)} stopped at epoch {ckpt['epoch'] + 1} of its first "
             f"stage's {first}; finish it first (train it again with {{resume}})"
         )
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
@@ -72,7 +75,7 @@ def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
         {k: v for k, v in method.state_dict().items() if not k.startswith("classifier.")}, state
     )
     if mismatch:
-        raise UsageError(f"method.from_run: {source} does not fit this model ({mismatch})")
+        raise UsageError(f"method.from_run: {shown(source)} does not fit this model ({mismatch})")
     method.load_state_dict(state, strict=False)
 
 

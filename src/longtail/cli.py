@@ -32,7 +32,7 @@ from longtail.data import download as download_dataset
 from longtail.deploy import EXPORT_FORMATS, export_run, predict_images, write_predictions_csv
 from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
-from longtail.errors import DataError, LongtailError, UsageError
+from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
 from longtail.reporting import compare_row, format_table, report_run
@@ -92,8 +92,8 @@ def train(
     except KeyboardInterrupt:
         if RunDir(out).started():
             raise Interrupted(
-                f"interrupted; the last finished epoch is saved in {out}: continue with "
-                f"`longtail train --out {out} --resume`"
+                f"interrupted; the last finished epoch is saved in {shown(out)}: continue with "
+                f"`longtail train --out {shown(out)} --resume`"
             ) from None
         raise Interrupted(
             "interrupted before the first epoch finished; nothing to resume: run the same "
@@ -262,7 +262,7 @@ def predict(
     """Classify images with a trained run (its evaluation preprocessing)."""
     _check_run_dir(run_dir)
     if out is not None and out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a CSV file's path")
+        raise UsageError(f"--out {shown(out)} is a directory; give a CSV file's path")
     rows = predict_images(run_dir, images, top_k=top_k)
     if out is not None:
         write_predictions_csv(rows, out)
@@ -291,7 +291,7 @@ def export(
 
 def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
-        raise UsageError(f"run directory {run_dir} does not exist")
+        raise UsageError(f"run directory {shown(run_dir)} does not exist")
 
 
 @data_app.command("download")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from longtail.errors import UsageError
+from longtail.errors import UsageError, shown
 
 
 class _Strict(BaseModel):
@@ -195,20 +195,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; see configs/ for recipes")
+        raise UsageError(f"config file {shown(path)} does not exist; see configs/ for recipes")
     if path.resolve() in _seen:
-        raise UsageError(f"config file {path}: _base_ loop")
+        raise UsageError(f"config file {shown(path)}: _base_ loop")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"config file {path} is not valid YAML: {first}") from None
+        raise UsageError(f"config file {shown(path)} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
-        raise UsageError(f"config file {path} must hold a mapping of sections")
-    base = raw.pop("_base_", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise UsageError(f"config file {path}: _base_ must be a file name")
+        raise UsageError(f"config file {shown(path)} must hold a mapping of sections")
+    if "_base_" in raw:
+        base = raw.pop("_base_")
+        if not isinstance(base, str) or shown(base) != base:
+            raise UsageError(
+                f"config file {shown(path)}: _base_ must be the name of the YAML file it extends "
+                f"(a path relative to this file, e.g. _base_: base.yaml), got {base!r}"
+            )
         base_raw = _read_yaml((path.parent / base), (*_seen, path.resolve()))
         raw = deep_merge(base_raw, raw)
     return raw

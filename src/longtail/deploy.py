@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from longtail.data import build_transform
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError, UsageError, shown
 from longtail.methods import Method
 from longtail.runs import RunInfo, load_run
 
@@ -40,7 +40,7 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise UsageError(f"{p} does not exist; give image files or folders of images")
+            raise UsageError(f"{shown(p)} does not exist; give image files or folders of images")
     if not found:
         raise UsageError(
             f"no images found in {', '.join(map(str, paths))} (extensions: "
@@ -56,7 +56,7 @@ def open_image(path: Path, channels: int) -> Image.Image:
             im.load()  # decode now: a truncated file fails here, naming the file
             return im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+        raise DataError(f"cannot read image {shown(path)}: {e}") from None
 
 
 class Predictor(nn.Module):
@@ -180,7 +180,7 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
     if out.is_dir():
-        raise UsageError(f"{{out}} {out} is a directory; give the model file's path")
+        raise UsageError(f"{{out}} {shown(out)} is a directory; give the model file's path")
     _, method, info = load_run(run_dir, checkpoint, torch.device("cpu"))
     model = Predictor(method.float().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, info.channels, info.image_size, info.image_size)

@@ -31,6 +31,16 @@ def spell(template: str, spelling: dict[str, str]) -> str:
     return template
 
 
+def shown(value: object) -> str:
+    """A value the user wrote (a path, a name, a key) as a message quotes it: as it is when it
+    is plain printable text, else escaped like a Python string literal, so that control
+    characters, blanks and empty text show and the message stays on one line."""
+    text = str(value)
+    if text and text.strip() == text and text.isprintable():
+        return text
+    return repr(text)
+
+
 class LongtailError(Exception):
     """An error caused by the user's input or environment, shown as one line."""
 

@@ -22,7 +22,7 @@ from longtail.engine import distributed
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.run_dir import CHECKPOINT_DIR
 from longtail.engine.trainer import predict_loader
-from longtail.errors import DataError, UsageError
+from longtail.errors import DataError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.evaluation.report import ReportInput, write_report
 from longtail.methods import Method
@@ -145,7 +145,7 @@ def report_run(
         method = build_method(cfg, data, device)
         path = out / CHECKPOINT_DIR / "last.pt"
         if not path.is_file():
-            raise UsageError(f"{out} has no checkpoint last.pt; train it first")
+            raise UsageError(f"{shown(out)} has no checkpoint last.pt; train it first")
         check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
     if evaluation is None or "reliability" not in evaluation:
         saved = _read_json(out / "eval_test.json")
@@ -188,7 +188,8 @@ def compare_row(out: str | Path) -> dict[str, Any]:
     evaluation = _read_json(out / "eval_test.json")
     if evaluation is None or "top1" not in evaluation:
         raise UsageError(
-            f"{out} has no test evaluation (eval_test.json); run `longtail evaluate {out}`"
+            f"{shown(out)} has no test evaluation (eval_test.json); run `longtail evaluate "
+            f"{shown(out)}`"
         )
     history = read_history(out)
     return {

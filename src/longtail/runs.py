@@ -24,7 +24,7 @@ from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import CHECKPOINT_DIR
 from longtail.engine.trainer import evaluate, resolve_device
-from longtail.errors import LongtailError, UsageError
+from longtail.errors import LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import Method
 
@@ -39,11 +39,11 @@ def read_run_config(out: Path) -> Config:
     """The validated config a run directory was trained with."""
     path = out / "config.yaml"
     if not path.is_file():
-        raise UsageError(f"{out} is not a run directory: {path} is missing")
+        raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LongtailError(f"{path} is not valid YAML ({type(e).__name__})") from None
+        raise LongtailError(f"{shown(path)} is not valid YAML ({type(e).__name__})") from None
     return validate(config_from_dict(raw))
 
 
@@ -103,7 +103,7 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Meth
     """Load the checkpoint's weights into ``method``, after checking that it comes from this
     config and fits this method's modules."""
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-        raise LongtailError(f"{path} is not a longtail checkpoint")
+        raise LongtailError(f"{shown(path)} is not a longtail checkpoint")
     saved = ckpt.get("config")
     if isinstance(saved, dict):
         a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
@@ -113,13 +113,14 @@ def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Meth
         if differ:
             k = differ[0]
             raise LongtailError(
-                f"checkpoint {path} was written with another config: {k} is {a.get(k)!r} there "
+                f"checkpoint {shown(path)} was written with another config: {k} is {a.get(k)!r} "
+                "there "
                 f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
             )
     mismatch = _state_mismatch(method.state_dict(), ckpt["model"])
     if mismatch:
         raise LongtailError(
-            f"checkpoint {path} does not fit the model of config.yaml ({mismatch}); it was "
+            f"checkpoint {shown(path)} does not fit the model of config.yaml ({mismatch}); it was "
             "written by another config"
         )
     method.load_state_dict(ckpt["model"])
@@ -232,10 +233,11 @@ def read_run_info(out: str | Path) -> RunInfo:
             transform=str(pre["transform"]),
         )
     except FileNotFoundError:
-        raise UsageError(f"{out} is not a run directory: {path} is missing") from None
+        raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing") from None
     except (ValueError, KeyError, TypeError):
         raise LongtailError(
-            f"{path} lacks the preprocessing of the run's images (written by an older longtail "
+            f"{shown(path)} lacks the preprocessing of the run's images (written by an older "
+            "longtail "
             "or edited); train the run again"
         ) from None
 
@@ -251,6 +253,6 @@ def load_run(
     method = build_method(cfg, info, device)  # type: ignore[arg-type]  # setup reads counts etc.
     path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
     if not path.is_file():
-        raise UsageError(f"{out} has no checkpoint {checkpoint}.pt; train it first")
+        raise UsageError(f"{shown(out)} has no checkpoint {checkpoint}.pt; train it first")
     check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
     return cfg, method.eval(), info

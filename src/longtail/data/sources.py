@@ -22,7 +22,7 @@ import torchvision.datasets as tvd
 from PIL import Image
 from torchvision.datasets.folder import make_dataset
 
-from longtail.errors import DataError
+from longtail.errors import DataError, shown
 from longtail.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -307,9 +307,11 @@ def _read_pickle(path: Path) -> dict:
             # The real archives were written by Python 2; "bytes" keeps their str keys as bytes.
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise DataError(f"cannot read CIFAR batch {path}: {e}; re-download the dataset") from None
+        raise DataError(
+            f"cannot read CIFAR batch {shown(path)}: {e}; re-download the dataset"
+        ) from None
     if not isinstance(obj, dict):
-        raise DataError(f"CIFAR batch {path} is not a dict; re-download the dataset")
+        raise DataError(f"CIFAR batch {shown(path)} is not a dict; re-download the dataset")
     return obj
 
 
@@ -317,7 +319,7 @@ def _field(batch: dict, key: str, path: Path) -> Any:
     for k in (key.encode(), key):
         if k in batch:
             return batch[k]
-    raise DataError(f"CIFAR batch {path} lacks the {key!r} entry; re-download the dataset")
+    raise DataError(f"CIFAR batch {shown(path)} lacks the {key!r} entry; re-download the dataset")
 
 
 def _cifar_dir(name: str, root: Path | None, folder: str, marker: str) -> Path:
@@ -326,9 +328,9 @@ def _cifar_dir(name: str, root: Path | None, folder: str, marker: str) -> Path:
         if (cand / marker).is_file():
             return cand
     raise DataError(
-        f"{name} not found under {root} (expected {folder}/{marker}); run "
-        f"`longtail data download {name} --root {root}` or extract the python-version "
-        f"archive's {folder}/ folder there"
+        f"{name} not found under {shown(root)} (expected {shown(folder)}/{marker}); run "
+        f"`longtail data download {name} --root {shown(root)}` or extract the python-version "
+        f"archive's {shown(folder)}/ folder there"
     )
 
 
@@ -347,7 +349,7 @@ def _cifar_source(
         path = folder / fname
         if not path.is_file():
             raise DataError(
-                f"missing CIFAR file {path}; run `longtail data download {name} "
+                f"missing CIFAR file {shown(path)}; run `longtail data download {name} "
                 f"--root {folder.parent}` or re-extract the archive"
             )
         batch = _read_pickle(path)
@@ -355,7 +357,7 @@ def _cifar_source(
         lab = np.asarray(_field(batch, labels_key, path), dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
             raise DataError(
-                f"CIFAR batch {path} has data of shape {data.shape} and {len(lab)} labels; "
+                f"CIFAR batch {shown(path)} has data of shape {data.shape} and {len(lab)} labels; "
                 "expected N x 3072 and N labels"
             )
         datas.append(data)
@@ -420,15 +422,17 @@ def read_idx(path: str | Path) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read idx file {path}: {e}; re-download the dataset") from None
+        raise DataError(
+            f"cannot read idx file {shown(path)}: {e}; re-download the dataset"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an idx file (bad header); re-download the dataset")
+        raise DataError(f"{shown(path)} is not an idx file (bad header); re-download the dataset")
     ndim = raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     if len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
-        raise DataError(f"idx file {path} is truncated or corrupt; re-download the dataset")
+        raise DataError(f"idx file {shown(path)} is truncated or corrupt; re-download the dataset")
     return np.frombuffer(raw, dtype, offset=header).reshape(shape)
 
 
@@ -452,9 +456,9 @@ def _fashion_mnist(root: Path | None, split: str, **options: Any) -> Source:
     labels_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
         raise DataError(
-            f"Fashion-MNIST {split} files not found under {root}; run "
+            f"Fashion-MNIST {split} files not found under {shown(root)}; run "
             "`apt-get install dataset-fashion-mnist` or "
-            f"`longtail data download fashion-mnist --root {root}`"
+            f"`longtail data download fashion-mnist --root {shown(root)}`"
         )
     images = read_idx(images_path)
     labels = read_idx(labels_path)
@@ -492,7 +496,8 @@ def _image_folder(root: Path, folder: Path, classes: list[str]) -> FileSource:
     )
     if not found:
         raise DataError(
-            f"no images found in {folder}; expected {folder}/<class_name>/<image> files with "
+            f"no images found in {shown(folder)}; expected {shown(folder)}/<class_name>/<image> "
+            "files with "
             f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}"
         )
     paths = [Path(p).relative_to(root).as_posix() for p, _ in found]
@@ -507,12 +512,15 @@ def _folder(root: Path | None, split: str, **options: Any) -> Source:
     if root is None:
         raise ValueError("dataset 'folder' needs root: the folder holding train/<class>/<image>")
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; give the folder of your images")
+        raise DataError(
+            f"image folder {shown(root)} does not exist; give the folder of your images"
+        )
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:  # a plain <class>/<image> tree: one split, the training set
         if not _class_dirs(root):
             raise DataError(
-                f"{root} has no class folders; arrange images as {root}/train/<class_name>/"
+                f"{shown(root)} has no class folders; arrange images as "
+                f"{shown(root)}/train/<class_name>/"
                 "<image> (and test/<class_name>/<image> for evaluation)"
             )
         _check_split(f"folder {root}", split, ["train"])
@@ -553,7 +561,8 @@ def _num_classes(labels: np.ndarray, given: int | None, declared: int | None, pa
     if top > k:
         whose = "the file's own" if given is None else "that of the train split"
         raise DataError(
-            f"{path} has label {top - 1} but num_classes is {k} ({whose}); fix the label, or "
+            f"{shown(path)} has label {top - 1} but num_classes is {k} ({whose}); fix the label, "
+            "or "
             "add training images of that class"
         )
     return int(k)
@@ -575,7 +584,7 @@ def read_list_file(path: str | Path) -> tuple[list[str], np.ndarray, list[int]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read list file {path}: {e}") from None
+        raise DataError(f"cannot read list file {shown(path)}: {e}") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -587,7 +596,8 @@ def read_list_file(path: str | Path) -> tuple[list[str], np.ndarray, list[int]]:
                 raise ValueError
         except (IndexError, ValueError):
             raise DataError(
-                f"{path}:{lineno}: expected 'relative/path label' with a label >= 0, got {line!r}"
+                f"{shown(path)}:{lineno}: expected 'relative/path label' with a label >= 0, got "
+                f"{line!r}"
             ) from None
         paths.append(parts[0])
         labels.append(label)
@@ -601,12 +611,13 @@ def _check_listed_files(root: Path, paths: Sequence[str], where: Callable[[int],
     for i, p in enumerate(paths):
         if p in first:
             raise DataError(
-                f"{where(i)}: {p} is listed twice (also {where(first[p])}); remove one entry"
+                f"{where(i)}: {shown(p)} is listed twice (also {where(first[p])}); remove one entry"
             )
         first[p] = i
         if not (root / p).is_file():
             raise DataError(
-                f"{where(i)}: image {p} not found under {root}; fix the entry or the data root"
+                f"{where(i)}: image {shown(p)} not found under {shown(root)}; fix the entry or "
+                "the data root"
             )
 
 
@@ -645,14 +656,14 @@ def read_json_annotations(path: str | Path) -> tuple[list[str], np.ndarray, int 
         declared = doc.get("num_classes")
         names = {int(c["id"]): str(c["name"]) for c in doc.get("categories", []) if "name" in c}
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"cannot read annotation file {path}: {e}") from None
+        raise DataError(f"cannot read annotation file {shown(path)}: {e}") from None
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(
-            f"{path} is not an annotation file: expected {{'annotations': "
+            f"{shown(path)} is not an annotation file: expected {{'annotations': "
             f"[{{'fpath': ..., 'category_id': ...}}], 'num_classes': K}} (missing {e})"
         ) from None
     if len(labels) and labels.min() < 0:
-        raise DataError(f"{path} has a negative category_id; labels must be 0..K-1")
+        raise DataError(f"{shown(path)} has a negative category_id; labels must be 0..K-1")
     return paths, labels, (int(declared) if declared is not None else None), names
 
 
@@ -688,11 +699,13 @@ def dataset_for_path(path: str | Path, root: str | Path | None = None) -> dict[s
     if p.is_dir():
         return {"dataset": "folder", "root": str(p), "files": {}}
     if not p.exists():
-        raise DataError(f"{p} does not exist; give an image folder, a .txt list or a .json file")
+        raise DataError(
+            f"{shown(p)} does not exist; give an image folder, a .txt list or a .json file"
+        )
     kind = {".txt": "list", ".json": "json"}.get(p.suffix.lower())
     if kind is None:
         raise DataError(
-            f"cannot tell the format of {p}; give an image folder, a .txt or a .json file"
+            f"cannot tell the format of {shown(p)}; give an image folder, a .txt or a .json file"
         )
     base = Path(root).expanduser() if root is not None else p.parent
     return {"dataset": kind, "root": str(base), "files": {"train": str(p)}}
@@ -723,5 +736,5 @@ def download(name: str, root: str | Path) -> Path:
             cls(str(root), train=train, download=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"downloading {name} into {root} failed: {reason}") from None
+        raise DataError(f"downloading {name} into {shown(root)} failed: {reason}") from None
     return root

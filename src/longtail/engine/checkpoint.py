@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from longtail.errors import LongtailError
+from longtail.errors import LongtailError, shown
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -41,11 +41,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
     if not path.is_file():
-        raise LongtailError(f"checkpoint {path} does not exist; was the run trained to the end?")
+        raise LongtailError(
+            f"checkpoint {shown(path)} does not exist; was the run trained to the end?"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated or foreign file
         raise LongtailError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt, truncated "
+            f"checkpoint {shown(path)} cannot be read ({type(e).__name__}); it is corrupt, "
+            "truncated "
             "or not a longtail checkpoint"
         ) from None

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from longtail.errors import LongtailError, UsageError
+from longtail.errors import LongtailError, UsageError, shown
 
 try:  # POSIX; elsewhere runs go unlocked
     import fcntl
@@ -59,7 +59,9 @@ class RunDir:
         for p in (self.path, *self.path.parents):
             if p.exists() and not p.is_dir():
                 where = "" if p == self.path else f" (its parent {p} is a file)"
-                raise UsageError(f"{{out}} {self.path} is not a directory{where}; give a folder")
+                raise UsageError(
+                    f"{{out}} {shown(self.path)} is not a directory{where}; give a folder"
+                )
             if p.exists():
                 break
 
@@ -70,13 +72,14 @@ class RunDir:
             return
         if self.started():
             raise UsageError(
-                f"run directory {self.path} already exists; pass {{resume}} to continue it or "
+                f"run directory {shown(self.path)} already exists; pass {{resume}} to continue "
+                "it or "
                 "choose another {out}"
             )
         foreign = sorted(p.name for p in self.path.iterdir() if not _is_run_entry(p.name))
         if foreign:
             raise UsageError(
-                f"{{out}} {self.path} is not empty and is not a longtail run (it holds "
+                f"{{out}} {shown(self.path)} is not empty and is not a longtail run (it holds "
                 f"{foreign[0]!r}); choose another {{out}}"
             )
 
@@ -85,11 +88,12 @@ class RunDir:
         if not self.started():
             if (self.path / "config.yaml").is_file():
                 raise UsageError(
-                    f"{{resume}}: {self.path} has no checkpoint (its run stopped before the first "
+                    f"{{resume}}: {shown(self.path)} has no checkpoint (its run stopped before "
+                    "the first "
                     "epoch finished); run the same command without {resume}"
                 )
             raise UsageError(
-                f"{{resume}}: no checkpoint at {self.last}; start the run without {{resume}}"
+                f"{{resume}}: no checkpoint at {shown(self.last)}; start the run without {{resume}}"
             )
 
     def clear_failed_start(self) -> bool:
@@ -134,7 +138,7 @@ class RunDir:
                 raise
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise UsageError(
-                f"run directory {self.path} is in use by another longtail process "
+                f"run directory {shown(self.path)} is in use by another longtail process "
                 f"(pid {owner}); wait for it to finish or choose another {{out}}"
             ) from None
 
@@ -145,7 +149,9 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise LongtailError(f"cannot create run directory {self.path}: {e.strerror}") from None
+            raise LongtailError(
+                f"cannot create run directory {shown(self.path)}: {e.strerror}"
+            ) from None
         try:
             if fcntl is not None:
                 self._try_lock(fd)
@@ -173,7 +179,8 @@ class RunDir:
                 os.fsync(f.fileno())
         except OSError as e:
             raise LongtailError(
-                f"cannot write checkpoints in {folder}: {e.strerror}; choose another {{out}} or "
+                f"cannot write checkpoints in {shown(folder)}: {e.strerror}; choose another "
+                f"{{out}} or "
                 "fix its permissions"
             ) from None
         finally:
@@ -181,7 +188,7 @@ class RunDir:
         free = shutil.disk_usage(folder).free
         if free < need_bytes:
             raise LongtailError(
-                f"not enough free space for checkpoints in {folder}: about "
+                f"not enough free space for checkpoints in {shown(folder)}: about "
                 f"{need_bytes / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free; free some "
                 "space or choose another {out}"
             )

@@ -27,7 +27,7 @@ from longtail.engine.checkpoint import save_checkpoint
 from longtail.engine.logging import RESERVED_KEYS, MetricsLog, ProgressBar, format_record
 from longtail.engine.run_dir import CHECKPOINT_DIR
 from longtail.engine.schedules import learning_rate
-from longtail.errors import LongtailError
+from longtail.errors import LongtailError, shown
 from longtail.evaluation import evaluate_logits
 from longtail.methods import Method, Stage
 
@@ -300,7 +300,7 @@ def _save(state: dict[str, Any], path: Path) -> None:
         save_checkpoint(state, path)
     except OSError as e:
         raise LongtailError(
-            f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept: free "
+            f"cannot write {shown(path)}: {e.strerror or e}; the previous checkpoint is kept: free "
             "some space (or fix the folder), then continue with {resume}"
         ) from None
 
