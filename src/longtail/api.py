@@ -34,6 +34,9 @@ from longtail.runs import (
     load_run,
     read_run_config,
     read_run_info,
+    run_plan,
+    subsampling_warning,
+    summary_lines,
 )
 
 __all__ = [
@@ -147,10 +150,15 @@ def train(
                 run.remove_partial_writes()
             copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
             run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
+            summary = data_summary(cfg, data, run_plan(cfg, method, data))
             if not resume:
                 atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-                summary = json.dumps(data_summary(cfg, data), indent=1)
-                atomic_write_bytes(run.path / "data.json", summary.encode())
+                atomic_write_bytes(run.path / "data.json", json.dumps(summary, indent=1).encode())
+            for line in summary_lines(summary):
+                print(line)
+            warning = subsampling_warning(cfg, data)
+            if warning and not resume:
+                print(f"warning: {warning}", file=sys.stderr)
         distributed.barrier()  # the run directory is ready for every process
         ckpt = None
         if resume:

@@ -19,7 +19,7 @@ import yaml
 
 from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, config_from_dict
-from longtail.data import RunData
+from longtail.data import RunData, default_root
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import CHECKPOINT_DIR
@@ -47,12 +47,115 @@ def read_run_config(out: Path) -> Config:
     return validate(config_from_dict(raw))
 
 
-def data_summary(cfg: Config, data: RunData) -> dict[str, Any]:
-    """What ``data.json`` records: the training set's classes, counts and shot groups."""
+# Data sets whose long tail is made by data.ratio (the benchmark); any other is the user's own,
+# already as long-tailed as it is.
+BENCHMARKS = frozenset({"cifar10", "cifar100", "fashion-mnist"})
+
+
+def data_location(cfg: Config) -> str:
+    """Where the training images were read from."""
+    d = cfg.data
+    if d.root is not None:
+        return str(Path(d.root).expanduser())
+    if d.files:
+        return str(Path(next(iter(d.files.values()))).expanduser().parent)
+    return str(default_root(d.dataset))
+
+
+def subsampling_warning(cfg: Config, data: RunData) -> str | None:
+    """One line when data.ratio or data.n_max drops images of a data set the user brought."""
+    d = cfg.data
+    found, used = len(data.train_source), len(data)
+    if d.dataset in BENCHMARKS or used == found:
+        return None
+    whole = np.bincount(data.train_source.targets, minlength=data.num_classes)
+    rarest = int(np.argmin(whole))
+    keys = [f"data.{k}={v}" for k, v in (("ratio", d.ratio), ("n_max", d.n_max)) if v is not None]
+    return (
+        f"{' and '.join(keys)} keep{'s' if len(keys) == 1 else ''} {used:,} of the {found:,} "
+        f"training images in {shown(data_location(cfg))} (rarest class "
+        f"{shown(data.classes[rarest])}: {whole[rarest]} -> {int(data.counts[rarest])}); set "
+        f"{' and '.join(k.split('=')[0] + '=null' for k in keys)} to train on the data as it is"
+    )
+
+
+def describe_schedule(optim: Any, epochs: int) -> str:
+    """The learning-rate schedule of a stage in words, e.g. ``lr 0.1, x0.1 at epoch 160, 180``."""
+    text = f"lr {optim.lr:g}"
+    if optim.schedule == "multistep":
+        steps = [m for m in optim.milestones if m < epochs]
+        late = [m for m in optim.milestones if m >= epochs]
+        text += (
+            f", x{optim.gamma:g} at epoch {', '.join(map(str, steps))}" if steps else " constant"
+        )
+        if late:  # a 200-epoch recipe shortened with train.epochs, say
+            text += f" (milestone {', '.join(map(str, late))} past the last epoch, {epochs})"
+    elif optim.schedule == "cosine":
+        text += f" cosine to {optim.min_lr:g}"
+    else:
+        text += " constant"
+    if optim.warmup_epochs:
+        text += f" after {optim.warmup_epochs:g} warm-up epochs"
+    return text
+
+
+def run_plan(cfg: Config, method: Method, data: RunData) -> list[dict[str, Any]]:
+    """Each stage of the run: its epochs, steps per epoch and learning-rate schedule."""
+    plan = []
+    for stage in method.stages():
+        optim = cfg.optim.model_copy(update=dict(stage.optim))
+        loaders = method.loaders(data, stage)
+        plan.append(
+            {
+                "stage": stage.name,
+                "epochs": stage.epochs,
+                "steps_per_epoch": min(len(x) for x in loaders.values()),
+                "schedule": describe_schedule(optim, stage.epochs),
+            }
+        )
+    return plan
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The two lines a run prints before its first epoch, from :func:`data_summary`."""
+    pre = summary["preprocess"]
+    splits = ", ".join(f"{k} {summary[k]:,}" for k in ("val", "test") if summary.get(k))
+    ratio = "" if summary["total"] == summary["found"] else f" (data.ratio {summary['ratio']})"
+    if summary["total"] != summary["found"] and summary["ratio"] is None:
+        ratio = " (data.n_max)"
+    data_line = (
+        f"data: {summary['dataset']} from {shown(summary['read_from'])}, "
+        f"{summary['num_classes']} classes, {summary['total']:,} of {summary['found']:,} "
+        f"training images{ratio}{', ' + splits if splits else ''}; {pre['image_size']} px, "
+        f"{pre['channels']} channel{'s' if pre['channels'] > 1 else ''}"
+    )
+    plan = summary["plan"]
+    stages = "; ".join(
+        f"{'' if len(plan) == 1 else s['stage'] + ' '}{s['epochs']} epochs x "
+        f"{s['steps_per_epoch']} steps, {s['schedule']}"
+        for s in plan
+    )
+    return [data_line, f"train: {summary['method']}, {stages}"]
+
+
+def data_summary(
+    cfg: Config, data: RunData, plan: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """What ``data.json`` records: where the data came from, how much of it is used, the
+    training set's classes, counts and shot groups, and the run's plan (stages, steps per
+    epoch, schedule) when given."""
     counts = data.counts.tolist()
+    sources = (("val", data.val_source), ("test", data.test_source))
+    sizes = {k: len(s) for k, s in sources if s is not None}
     return {
         "dataset": cfg.data.dataset,
+        "read_from": data_location(cfg),
+        "found": len(data.train_source),
+        **sizes,
+        "method": cfg.method_name,
+        **({"plan": plan} if plan is not None else {}),
         "ratio": cfg.data.ratio,
+        "n_max": cfg.data.n_max,
         "profile": cfg.data.profile,
         "num_classes": data.num_classes,
         "classes": data.classes,
