@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import poison_step, tiny_config
+from conftest import folder_config, poison_step, tiny_config
 from longtail import api
 from longtail.build import validate
 from longtail.config import config_from_dict, load_config
@@ -174,31 +174,53 @@ def test_a_second_process_on_the_same_run_is_refused(reference, tmp_path):
     assert _rows(out) == _rows(full)
 
 
-def test_a_failed_start_does_not_block_the_same_command(tmp_path, monkeypatch, capsys):
+def test_a_failed_start_leaves_nothing_and_the_same_command_runs_again(
+    tmp_path, monkeypatch, capsys
+):
     from test_bad_inputs import _folder, _invoke
 
     root = _folder(tmp_path)
     bad = root / "train" / "dog" / "bad.png"
     bad.write_bytes(b"not a png")
+    out = tmp_path / "runs" / "small"  # runs/ does not exist yet either
     args = [
         "train", "--set", "data.dataset=folder", "--set", f"data.root={root}", "--set",
         "data.ratio=null", "--set", "data.image_size=12", "--set", "model.backbone=convnet-tiny",
-        "--set", "train.batch_size=4", "--set", "train.epochs=1", "--out", tmp_path / "run",
-        "--no-progress",
+        "--set", "train.batch_size=4", "--set", "train.epochs=1", "--out", out, "--no-progress",
     ]  # fmt: skip
     code, _, err = _invoke(args)
     assert code == 1 and "bad.png" in err
-    assert (tmp_path / "run" / "config.yaml").exists() and not (
-        tmp_path / "run" / "checkpoints" / "last.pt"
-    ).exists()
-    code, _, err = _invoke([*args[:-3], "--out", tmp_path / "run", "--resume"])
-    assert code == 2 and "without --resume" in err
+    assert not (tmp_path / "runs").exists()  # nothing was created
     bad.unlink()  # the user fixes the data and runs the same command again
-    code, out, err = _invoke(args)
+    code, out_text, err = _invoke(args)
     assert code == 0, err
-    assert "stopped before its first checkpoint; starting it again" in err
-    assert "test top-1" in out and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
-    assert len(_rows(tmp_path / "run")) == 1  # the failed start's log did not survive
+    assert "test top-1" in out_text and (out / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("where", ["corrupt-test-image", "first-epoch"])
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing(
+    where, tiny_fmnist, pattern_folder, tmp_path, monkeypatch
+):
+    import shutil
+
+    if where == "corrupt-test-image":  # found before training, not after it
+        root = tmp_path / "photos"
+        shutil.copytree(pattern_folder, root)
+        next((root / "test" / "rows").iterdir()).write_bytes(b"\x89PNG garbage")
+        raw = folder_config(root, train={"epochs": 1})
+        calls = []
+        monkeypatch.setattr(METHODS.get("ce"), "on_epoch_start", lambda s, e: calls.append(e))
+    else:  # the loss becomes NaN in the first epoch
+        poison_step(monkeypatch, "hybrid-sc", 0, 2, float("nan"), "con")
+        raw = tiny_config(tiny_fmnist, method={"name": "hybrid-sc"}, train={"epochs": 2})
+    out = tmp_path / "runs" / "a" / "run"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "keep.txt").write_text("the user's")
+    with pytest.raises(LongtailError):
+        api.train(config_from_dict(raw), out, progress=False)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["keep.txt"]
+    if where == "corrupt-test-image":
+        assert calls == []
 
 
 def test_a_bad_device_creates_nothing(tiny_fmnist, tmp_path):

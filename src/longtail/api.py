@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from longtail.build import build_data, build_method, validate
+from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, dump_config
+from longtail.data import RunData
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import RunDir
@@ -126,6 +127,8 @@ def train(
         )
     seed_everything(cfg.seed)
     data = build_data(cfg)
+    if main:
+        data.check_files()  # every split: a corrupt test image is found now, not after training
     data.pin_memory, data.device = device.type == "cuda", device
     method = build_method(cfg, data, device)
     if cfg.train.sync_bn:
@@ -135,7 +138,33 @@ def train(
     from_run = getattr(method.opts, "from_run", None)
     if from_run and not resume:
         load_first_stage(method, cfg, Path(from_run).expanduser())
+    # The stages' loaders, built before the run directory: a batch that does not split over
+    # the processes, or a training image that does not decode (the fast path decodes them
+    # all), stops the run before anything is written.
+    with config_key("train.batch_size"):
+        plan = run_plan(cfg, method, data)
 
+    created = run.missing_ancestor() if main and not resume else None
+    try:
+        return _train_in(run, cfg, method, data, device, plan, resume, progress)
+    except BaseException:
+        if main and not resume:  # a start that failed before its first checkpoint
+            run.undo_failed_start(created)  # leaves nothing behind
+        raise
+
+
+def _train_in(
+    run: RunDir,
+    cfg: Config,
+    method: Method,
+    data: RunData,
+    device: torch.device,
+    plan: list[dict[str, Any]],
+    resume: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Write the run directory, train, evaluate and report (see :func:`train`)."""
+    main = distributed.is_main()
     with run.locked() if main else contextlib.nullcontext():
         if main and not resume:
             run.check_new()  # again, now that no other process can start it meanwhile
@@ -150,7 +179,7 @@ def train(
                 run.remove_partial_writes()
             copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
             run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
-            summary = data_summary(cfg, data, run_plan(cfg, method, data))
+            summary = data_summary(cfg, data, plan)
             if not resume:
                 atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
                 atomic_write_bytes(run.path / "data.json", json.dumps(summary, indent=1).encode())

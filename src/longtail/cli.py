@@ -290,6 +290,8 @@ def export(
 
 
 def _check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{shown(run_dir)} is a file, not a run directory; give the run's folder")
     if not run_dir.is_dir():
         raise UsageError(f"run directory {shown(run_dir)} does not exist")
 

@@ -12,13 +12,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from longtail.errors import UsageError, shown
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (int or float, optional or not)."""
+    if annotation in (int, float):
+        return True
+    return any(a in (int, float) for a in getattr(annotation, "__args__", ()))
+
+
+def reject_booleans_for_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """YAML's true/false where a number belongs is a mistake, not 1/0 (``train.epochs: true``
+    would train one epoch): pydantic's lax mode would take it."""
+    field = model.model_fields.get(info.field_name or "")
+    if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        return reject_booleans_for_numbers(cls, value, info)
 
 
 class DataConfig(_Strict):
@@ -31,7 +59,7 @@ class DataConfig(_Strict):
     profile: Literal["exp", "step"] = "exp"
     n_max: int | None = Field(None, ge=1)  # images of the largest class; None = all it has
     seed: int = 0  # seed of the long-tail subsampling (the standard recipe uses 0)
-    image_size: int = Field(32, ge=1)  # pixels, side of the network input
+    image_size: int = Field(32, ge=8)  # pixels, side of the network input
     val_split: str | None = None  # a split of the dataset used for "best" selection
     num_workers: int = Field(0, ge=0)  # loader processes; 0 loads in the training process
     # Keep the training images on the training device and augment whole batches there when
@@ -76,8 +104,8 @@ class OptimConfig(_Strict):
     @field_validator("lr", "gamma")
     @classmethod
     def _positive(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
+        if not 0 < v < float("inf"):
+            raise ValueError("must be a finite number > 0")
         return v
 
 
@@ -114,6 +142,16 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or v in (".", "..") or any(c in v for c in "/\\") or shown(v) != v:
+            raise ValueError(
+                "must be a plain name (it names the run's folder under runs/), e.g. my-run; "
+                "give the run's path with --out instead"
+            )
+        return v
+
     @field_validator("method")
     @classmethod
     def _method_has_a_name(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +187,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not p for p in key.split(".")):
             raise UsageError(f"--set {pair!r}: expected key=value, e.g. --set optim.lr=0.05")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw  # not YAML: keep the text as a string; the schema decides
         node = out
@@ -193,16 +231,51 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML
+    itself would keep the last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the safe loader, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_problem(e: Exception) -> str:
+    """What is wrong with a YAML text and where, on one line."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"config file {shown(path)} does not exist; see configs/ for recipes")
     if path.resolve() in _seen:
         raise UsageError(f"config file {shown(path)}: _base_ loop")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"config file {shown(path)} is not valid YAML: {first}") from None
+        raise UsageError(
+            f"config file {shown(path)} is not valid YAML: {yaml_problem(e)}"
+        ) from None
+    if raw is None:
+        raise UsageError(
+            f"config file {shown(path)} is empty; give a recipe (see configs/), or leave out "
+            "--config to train the defaults"
+        )
     if not isinstance(raw, dict):
         raise UsageError(f"config file {shown(path)} must hold a mapping of sections")
     if "_base_" in raw:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from longtail.data import build_transform
+from longtail.data.sources import decode_image
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
-from longtail.errors import DataError, UsageError, shown
+from longtail.errors import UsageError, shown
 from longtail.methods import Method
 from longtail.runs import RunInfo, load_run
 
@@ -51,12 +52,7 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 def open_image(path: Path, channels: int) -> Image.Image:
     """The image at ``path`` in the run's mode (grey or RGB), fully decoded."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, naming the file
-            return im.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {shown(path)}: {e}") from None
+    return decode_image(path, "L" if channels == 1 else "RGB")
 
 
 class Predictor(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from longtail.build import build_data, build_method, config_key, validate
-from longtail.config import Config, config_from_dict
+from longtail.config import Config, config_from_dict, load_yaml
 from longtail.data import RunData, default_root
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
@@ -41,10 +41,18 @@ def read_run_config(out: Path) -> Config:
     if not path.is_file():
         raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LongtailError(f"{shown(path)} is not valid YAML ({type(e).__name__})") from None
-    return validate(config_from_dict(raw))
+    if not isinstance(raw, dict) or not raw:
+        raise LongtailError(
+            f"{shown(path)} is empty or not a mapping of sections: the run's config is damaged; "
+            "restore it, or train the run again"
+        )
+    try:
+        return validate(config_from_dict(raw))
+    except UsageError as e:
+        raise UsageError(f"{shown(path)}: {e.template}") from None
 
 
 # Data sets whose long tail is made by data.ratio (the benchmark); any other is the user's own,

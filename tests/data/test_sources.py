@@ -334,3 +334,20 @@ def test_cifar_accepts_numpy1_module_names(cifar10_root):
     assert b"numpy.core.multiarray" in blob
     (cifar10_root / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
     assert load_source("cifar10", cifar10_root, "test").targets.tolist() == [7]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) keeps its tones in 8 bits; PIL's own conversion
+    would clip everything above 255 to white."""
+    import numpy as np
+    from PIL import Image
+
+    from longtail.data.sources import decode_image
+
+    values = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, 0)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    grey = np.asarray(decode_image(tmp_path / "deep.png", "L"))
+    assert grey[0].tolist() == [0, 64, 128, 255]
+    rgb = np.asarray(decode_image(tmp_path / "deep.png", "RGB"))
+    assert rgb.shape == (4, 4, 3) and rgb[0, :, 1].tolist() == [0, 64, 128, 255]

@@ -120,6 +120,13 @@ class RunData:
         )
         check_counts(self.counts, self.classes, fix="lower data.ratio or raise data.n_max")
 
+    def check_files(self) -> None:
+        """Every split's image files open as images (their headers): a corrupt test image is
+        found before training, not after it. Raises DataError naming the first bad file."""
+        for source in (self.train_source, self.val_source, self.test_source):
+            if source is not None:
+                source.check_files()
+
     # -- loaders ----------------------------------------------------------------------
     def transform(self, name: str) -> Any:
         """The augmentation preset ``name`` at this run's image size and statistics."""

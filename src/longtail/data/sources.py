@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,9 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def load(self, i: int) -> Image.Image | torch.Tensor:
         """Return image ``i`` (PIL image or uint8 (C, H, W) tensor)."""
+
+    def check_files(self) -> None:  # noqa: B027 (in-memory sources have no files to check)
+        """Raise DataError naming the first image that cannot be opened."""
 
     def __repr__(self) -> str:
         return (
@@ -192,21 +196,60 @@ class FileSource(Source):
         self._check()
 
     def load(self, i: int) -> Image.Image:
-        """Decode image ``i`` fully, as RGB; a missing, corrupt or truncated file raises
-        DataError naming it (PIL refuses truncated files unless told otherwise)."""
-        path = self.root / self.paths[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            if isinstance(e, FileNotFoundError):
-                reason = "no such file"
-            else:
+        """Decode image ``i`` fully, as RGB (:func:`decode_image`)."""
+        return decode_image(self.root / self.paths[i], "RGB")
+
+    def check_files(self) -> None:
+        """Open every file's header (a few threads: the time is the disk's), so that a file
+        that is no image stops the run before training; truncated files are found when they
+        are decoded."""
+
+        def header(rel: str) -> None:
+            path = self.root / rel
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(
-                f"cannot read image {path.resolve()}: {reason}; fix or remove the file"
-            ) from None
+                raise DataError(
+                    f"cannot read image {shown(path.resolve())}: {reason}; fix or remove the file"
+                ) from None
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in pool.map(header, self.paths):
+                pass
+
+
+def decode_image(path: Path, mode: str) -> Image.Image:
+    """The image file at ``path`` fully decoded, in ``mode`` ("RGB" or "L").
+
+    16-bit images (PNG's ``I;16``, PIL's ``I``) are scaled to 8 bits (PIL's own conversion
+    would clip them to white). A missing, corrupt or truncated file, and one over PIL's
+    decompression-bomb limit, raise DataError naming it.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I") or im.mode == "F":
+                scale = 1.0 if im.mode == "F" and float(np.asarray(im).max()) <= 1.0 else 1 / 257
+                values = np.asarray(im, dtype=np.float64) * (255.0 if scale == 1.0 else scale)
+                im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+            return im.convert(mode)
+    except Image.DecompressionBombError as e:  # PIL: "Image size (N pixels) exceeds limit ..."
+        size = str(e).split(" could be")[0].rstrip(",. ")
+        raise DataError(
+            f"cannot read image {shown(path.resolve())}: {size}, PIL's guard against "
+            "decompression bombs; resize the image (or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+            "trust it)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, FileNotFoundError):
+            reason = "no such file"
+        else:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"cannot read image {shown(path.resolve())}: {reason}; fix or remove the file"
+        ) from None
 
 
 Builder = Callable[..., Source]
@@ -648,13 +691,30 @@ def read_json_annotations(path: str | Path) -> tuple[list[str], np.ndarray, int 
         optional ``categories`` list.
     """
     path = Path(path)
+
+    def whole(value: Any, what: str) -> int:
+        """A JSON integer (1.0 too), else a DataError naming the field: 1.7 is no class."""
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not float(value).is_integer():
+            raise DataError(f"{shown(path)}: {what} must be an integer, got {value!r}")
+        return int(value)
+
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         anns = doc["annotations"]
         paths = [str(a["fpath"]) for a in anns]
-        labels = np.asarray([int(a["category_id"]) for a in anns], dtype=np.int64)
+        labels = np.asarray(
+            [whole(a["category_id"], f"annotation {i}'s category_id") for i, a in enumerate(anns)],
+            dtype=np.int64,
+        )
         declared = doc.get("num_classes")
-        names = {int(c["id"]): str(c["name"]) for c in doc.get("categories", []) if "name" in c}
+        if declared is not None:
+            declared = whole(declared, "num_classes")
+        names = {
+            whole(c["id"], "a category's id"): str(c["name"])
+            for c in doc.get("categories", [])
+            if "name" in c
+        }
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DataError(f"cannot read annotation file {shown(path)}: {e}") from None
     except (KeyError, TypeError, AttributeError) as e:
@@ -664,7 +724,7 @@ def read_json_annotations(path: str | Path) -> tuple[list[str], np.ndarray, int 
         ) from None
     if len(labels) and labels.min() < 0:
         raise DataError(f"{shown(path)} has a negative category_id; labels must be 0..K-1")
-    return paths, labels, (int(declared) if declared is not None else None), names
+    return paths, labels, declared, names
 
 
 @DATASETS.register("json")

@@ -111,6 +111,33 @@ class RunDir:
             removed = True
         return removed
 
+    def missing_ancestor(self) -> Path | None:
+        """The outermost folder of the path that does not exist yet (None: the run's folder
+        exists): what a failed start must remove to leave nothing behind."""
+        if self.path.exists():
+            return None
+        top = self.path
+        while not top.parent.exists():
+            top = top.parent
+        return top
+
+    def undo_failed_start(self, created: Path | None) -> None:
+        """After a start that failed before its first checkpoint: remove the run's own files
+        (and ``created``, the folders this start made, when nothing else is in them)."""
+        if self.started() or not self.path.is_dir():
+            return
+        self.clear_failed_start()
+        (self.path / LOCK).unlink(missing_ok=True)
+        if created is None:
+            return
+        folder = self.path
+        while True:
+            with contextlib.suppress(OSError):  # not empty: someone else's files, keep them
+                folder.rmdir()
+            if folder == created or folder.exists():
+                break
+            folder = folder.parent
+
     def remove_partial_writes(self) -> None:
         """Delete temporary files of checkpoint writes that a killed process left."""
         folder = self.path / CHECKPOINT_DIR

@@ -44,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"{name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no data; others are not supported
+        raise ValueError(f"{name!r} is not a device longtail trains on; use auto, cpu or cuda[:N]")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{name!r} but only {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from longtail.config import Config
+from longtail.config import Config, reject_booleans_for_numbers
 from longtail.data import RunData
 from longtail.models import build_backbone, build_classifier
 from longtail.registry import Registry
@@ -48,9 +48,15 @@ def full_precision(x: Tensor) -> Tensor:
 
 
 class MethodOptions(BaseModel):
-    """Base of every method's options (the ``method:`` section): unknown keys are errors."""
+    """Base of every method's options (the ``method:`` section): unknown keys are errors, and
+    so is true/false for a number."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        return reject_booleans_for_numbers(cls, value, info)
 
 
 @dataclass(frozen=True)
