@@ -17,6 +17,7 @@ LAYERS = {
     "longtail": 0,
     "longtail.errors": 0,
     "longtail.registry": 0,
+    "longtail.jsonio": 0,
     "longtail.config": 1,
     "longtail.data": 2,
     "longtail.models": 2,

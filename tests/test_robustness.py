@@ -370,3 +370,49 @@ def test_random_set_overrides_never_raise_a_traceback(pairs):
         validate(load_config(None, overrides))
     except LongtailError as e:
         assert "\n" not in str(e)
+
+
+# --- divergence and strict JSON ---------------------------------------------------------------
+
+
+def test_weights_that_stop_being_numbers_stop_the_run_before_their_checkpoint(
+    tiny_fmnist, tmp_path, monkeypatch
+):
+    cls = METHODS.get("ce")
+    original = cls.after_optimizer_step
+
+    def poison(self):  # the loss stays finite, a BatchNorm statistic does not
+        original(self)
+        if self._epoch_seen == 1:
+            next(b for n, b in self.named_buffers() if n.endswith("running_var")).fill_(
+                float("inf")
+            )
+
+    monkeypatch.setattr(cls, "after_optimizer_step", poison)
+    monkeypatch.setattr(
+        cls, "on_epoch_start", lambda self, e: setattr(self, "_epoch_seen", e), raising=False
+    )
+    raw = tiny_config(tiny_fmnist, train={"epochs": 3})
+    with pytest.raises(LongtailError, match=r"epoch 2: the model's .*running_var is not finite"):
+        api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 0
+
+
+def test_predictions_that_are_not_numbers_stop_the_run_as_diverged(
+    pattern_folder, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        METHODS.get("ce"), "predict", lambda self, x: torch.full((len(x), 4), float("nan"))
+    )
+    raw = folder_config(pattern_folder, train={"epochs": 2})  # a validation split
+    with pytest.raises(LongtailError, match=r"epoch 1: the model's predictions are not finite"):
+        api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # it never reached a checkpoint
+
+
+def test_every_json_written_is_strict():
+    from longtail import jsonio
+
+    text = jsonio.dumps({"ece": float("nan"), "top": [float("inf"), 0.5], "n": 3}, indent=1)
+    assert json.loads(text) == {"ece": None, "top": [None, 0.5], "n": 3}
+    assert "NaN" not in text and "Infinity" not in text

@@ -8,13 +8,13 @@ Reading finished runs lives in :mod:`longtail.runs`; its names are re-exported h
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from longtail import jsonio
 from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, dump_config
 from longtail.data import RunData
@@ -182,7 +182,7 @@ def _train_in(
             summary = data_summary(cfg, data, plan)
             if not resume:
                 atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-                atomic_write_bytes(run.path / "data.json", json.dumps(summary, indent=1).encode())
+                atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
             for line in summary_lines(summary):
                 print(line)
             warning = subsampling_warning(cfg, data)

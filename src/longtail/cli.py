@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from longtail import jsonio
 from longtail.api import evaluate_run
 from longtail.api import train as run_training
 from longtail.build import build_data
@@ -55,7 +55,7 @@ app.add_typer(data_app, name="data")
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1) + "\n")
+    sys.stdout.write(jsonio.dumps(obj, indent=1) + "\n")
 
 
 def _default_out(name: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from longtail import jsonio
 from longtail.data import build_transform
 from longtail.data.sources import decode_image
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
@@ -196,5 +196,5 @@ def export_run(
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
     card = preprocessing_card(info, fmt, out.name)
-    out.with_name(out.name + ".json").write_text(json.dumps(card, indent=1), encoding="utf-8")
+    out.with_name(out.name + ".json").write_text(jsonio.dumps(card, indent=1), encoding="utf-8")
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from longtail import jsonio
 from longtail.build import build_data, build_method, config_key, validate
 from longtail.config import Config, config_from_dict, load_yaml
 from longtail.data import RunData, default_root
@@ -296,7 +297,7 @@ def evaluate_run(
     res["train_counts"] = data.counts.tolist()
     res["per_class_by_name"] = dict(zip(data.classes, res["per_class"], strict=True))
     if save and distributed.is_main():
-        atomic_write_bytes(out / f"eval_{split}.json", json.dumps(res, indent=1).encode())
+        atomic_write_bytes(out / f"eval_{split}.json", jsonio.dumps(res, indent=1).encode())
     return res
 
 

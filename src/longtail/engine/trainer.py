@@ -289,7 +289,47 @@ def evaluate(
     """Metrics, logits and labels of ``split`` with the run's test transform and memory format."""
     loader = data.eval_loader(split, batch_size, train_cfg.test_transform)
     logits, labels = predict_loader(method, loader, device, train_cfg.channels_last)
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad:
+        raise Diverged(
+            f"the model's predictions are not finite for {bad} of the {len(logits)} {split} "
+            "images: training diverged; lower optim.lr (or add optim.warmup_epochs) and train "
+            "again"
+        )
     return evaluate_logits(logits, labels, data.counts.tolist()), logits, labels
+
+
+class Diverged(LongtailError):
+    """The model's outputs stopped being numbers."""
+
+
+def _evaluate_epoch(
+    method: Method,
+    data: RunData,
+    split: str,
+    device: torch.device,
+    train_cfg: TrainConfig,
+    epoch: int,
+) -> dict[str, Any]:
+    """:func:`evaluate` during training: a divergence names its epoch."""
+    try:
+        return evaluate(method, data, split, device, train_cfg)[0]
+    except Diverged as e:
+        raise Diverged(
+            f"epoch {epoch + 1}: {e.template}; the last checkpoint (epoch {epoch}) is kept"
+        ) from None
+
+
+def _check_finite(method: Method, epoch: int) -> None:
+    """Raise Diverged if a weight or buffer of the method is not finite after ``epoch``."""
+    floats = [t for t in method.state_dict().values() if t.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        bad = next(k for k, t in method.state_dict().items()
+                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))  # fmt: skip
+        raise Diverged(
+            f"epoch {epoch + 1}: the model's {bad} is not finite: training diverged; the last "
+            f"checkpoint (epoch {epoch}) is kept; lower optim.lr (or add optim.warmup_epochs)"
+        )
 
 
 def _restore(method: Method, ckpt: dict[str, Any]) -> None:
@@ -389,8 +429,9 @@ def fit(
             last = epoch == total_epochs - 1
             every = cfg.train.eval_every
             if data.test_source is not None and not last and every and (epoch + 1) % every == 0:
-                res, _, _ = evaluate(method, data, "test", device, cfg.train)
+                res = _evaluate_epoch(method, data, "test", device, cfg.train, epoch)
                 record.update({f"test/{k}": res[k] for k in EVAL_KEYS})
+            _check_finite(method, epoch)  # a diverged model never reaches a checkpoint
             state = {
                 "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -401,7 +442,7 @@ def fit(
                 "config": cfg.model_dump(mode="json"),
             }
             if data.val_source is not None:
-                res, _, _ = evaluate(method, data, "val", device, cfg.train)
+                res = _evaluate_epoch(method, data, "val", device, cfg.train, epoch)
                 record.update({f"val/{k}": res[k] for k in EVAL_KEYS})
                 if best is None or res["top1"] > best["top1"]:
                     best = {"epoch": epoch + 1, "top1": res["top1"]}
