@@ -355,3 +355,54 @@ def test_report_renders_in_a_browser_with_every_image(trained, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 20 and (pixels < 128).mean() > 0.01, "the page rendered blank"
+
+
+# --- evaluate: which file, and not while training -------------------------------------------
+
+
+def test_evaluating_best_keeps_the_last_epochs_result(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    last = (run / "eval_test.json").read_text()
+    done = _longtail("evaluate", str(run), "--checkpoint", "best", "--json")
+    assert done.returncode == 0, done.stderr
+    best = json.loads((run / "eval_test_best.json").read_text())
+    assert best["checkpoint"] == "best" and best == json.loads(done.stdout) | {
+        "confusion": best["confusion"]
+    }
+    assert (run / "eval_test.json").read_text() == last  # still the last epoch's
+    assert compare_row(run)["top1"] == json.loads(last)["top1"]
+
+
+def test_evaluate_refuses_a_run_that_is_training(trained, tmp_path):
+    import shutil
+
+    from longtail.engine.run_dir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "eval_test.json").read_text()
+    refused = pytest.raises(UsageError, match="being trained by another longtail process")
+    with RunDir(run).locked(), refused:  # the lock, as `longtail train` holds it
+        api.evaluate_run(run)
+    assert (run / "eval_test.json").read_text() == before
+    assert api.evaluate_run(run, save=False)["top1"] == json.loads(before)["top1"]
+
+
+def test_evaluate_in_a_read_only_run_still_gives_its_result(trained, monkeypatch, capsys):
+    import errno
+
+    from longtail import cli, runs
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runs, "atomic_write_bytes", read_only)
+    monkeypatch.setattr(sys, "argv", ["longtail", "evaluate", str(trained)])
+    cli.main()  # no SystemExit: exit code 0
+    out, err = capsys.readouterr()
+    assert "top-1" in out
+    assert err.startswith("warning: could not write") and "Read-only file system" in err
+    assert err.count("\n") == 1

@@ -9,6 +9,7 @@ counts, shot groups and the images' preprocessing), ``metrics.jsonl``, ``tensorb
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from longtail.config import Config, config_from_dict, load_yaml
 from longtail.data import RunData, default_root
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
-from longtail.engine.run_dir import CHECKPOINT_DIR
+from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
 from longtail.engine.trainer import evaluate, resolve_device
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
@@ -276,6 +277,8 @@ def evaluate_run(
     method with the weights to evaluate).
     """
     out = Path(out)
+    if method is None:  # not training's own evaluation: refuse a run that is training
+        RunDir(out).check_not_in_use(doing="evaluate")
     cfg = cfg or read_run_config(out)
     device = device or config_device(cfg)
     data = data or build_data(cfg)
@@ -297,7 +300,17 @@ def evaluate_run(
     res["train_counts"] = data.counts.tolist()
     res["per_class_by_name"] = dict(zip(data.classes, res["per_class"], strict=True))
     if save and distributed.is_main():
-        atomic_write_bytes(out / f"eval_{split}.json", jsonio.dumps(res, indent=1).encode())
+        # eval_<split>.json is the last epoch's alone (what compare and report read); the
+        # best checkpoint's result goes beside it.
+        name = f"eval_{split}.json" if checkpoint == "last" else f"eval_{split}_{checkpoint}.json"
+        try:
+            atomic_write_bytes(out / name, jsonio.dumps(res, indent=1).encode())
+        except OSError as e:  # a read-only run directory, a full disk: the result still counts
+            print(
+                f"warning: could not write {shown(out / name)} ({e.strerror or e}); the result "
+                "is only printed",
+                file=sys.stderr,
+            )
     return res
 
 

@@ -145,14 +145,32 @@ class RunDir:
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
 
-    def check_not_in_use(self) -> None:
-        """Refuse at once if another process holds the lock (see :meth:`locked`)."""
+    def check_not_in_use(self, doing: str | None = None) -> None:
+        """Refuse at once if another process holds the lock (see :meth:`locked`).
+
+        Args:
+            doing: What the caller would do (``evaluate``, say): the message then says to
+                wait for the training to end instead of choosing another run directory.
+        """
         lock = self.path / LOCK
         if fcntl is None or not lock.is_file():
             return
-        fd = os.open(lock, os.O_RDWR)
         try:
-            self._try_lock(fd)
+            fd = os.open(lock, os.O_RDWR if doing is None else os.O_RDONLY)
+        except OSError:  # a read-only run directory: nobody trains in it
+            return
+        try:
+            if doing is None:
+                self._try_lock(fd)
+            else:
+                try:
+                    self._try_lock(fd)
+                except UsageError:
+                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise UsageError(
+                        f"run directory {shown(self.path)} is being trained by another longtail "
+                        f"process (pid {owner}); {doing} it when its training has ended"
+                    ) from None
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
