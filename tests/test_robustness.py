@@ -416,3 +416,66 @@ def test_every_json_written_is_strict():
     text = jsonio.dumps({"ece": float("nan"), "top": [float("inf"), 0.5], "n": 3}, indent=1)
     assert json.loads(text) == {"ece": None, "top": [None, 0.5], "n": 3}
     assert "NaN" not in text and "Infinity" not in text
+
+
+# --- the CLI's file arguments from a fuzzer -----------------------------------------------------
+
+RUN_FILES = ["config.yaml", "data.json", "metrics.jsonl", "checkpoints/last.pt", "eval_test.json"]
+PLACES = [
+    *(f"run/{f}" for f in RUN_FILES),
+    "run", "run/new.csv", "run/export/model.pt", "run/predictions.csv", "mine.txt", "new.csv",
+    "deep/er/new.pt", "/proc/longtail/x.pt", "/proc/self/status", "", "run/../mine.txt",
+]  # fmt: skip
+# Files a command may write in the run directory: its own outputs.
+OWN = ("eval_", "report.html", "plots/", "export/", "predictions.csv", "run.lock")
+
+
+def _digests(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).digest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    command=st.sampled_from(["predict", "export", "evaluate", "report", "compare"]),
+    out=st.sampled_from(PLACES),
+    image=st.sampled_from(["a.png", "mine.txt", "run/config.yaml", "run", "nope.png"]),
+    force=st.booleans(),
+    fmt=st.sampled_from(["torchscript", "onnx"]),
+)
+def test_cli_file_arguments_never_destroy_a_run_or_trace_back(
+    command, out, image, force, fmt, tmp_path_factory
+):
+    from test_bad_inputs import _invoke, _png, _run
+
+    t = tmp_path_factory.mktemp("fuzz")
+    run = _run(t)
+    _png(t / "a.png")
+    (t / "mine.txt").write_text("the user's")
+    before, mine = _digests(run), (t / "mine.txt").read_bytes()
+
+    def at(place: str) -> str:
+        return place if place.startswith("/") or not place else str(t / place)
+
+    args = {
+        "predict": ["predict", run, at(image), "--out", at(out)],
+        "export": ["export", run, "--format", fmt, "--out", at(out)],
+        "evaluate": ["evaluate", at(out) or run],
+        "report": ["report", at(out) or run],
+        "compare": ["compare", at(out) or run],
+    }[command]
+    code, _, err = _invoke([*args, *(["--force"] if force and command in ("predict", "export")
+                                      else [])])  # fmt: skip
+    assert code in (0, 1, 2) and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 1, err
+    after = _digests(run)
+    for name, digest in before.items():
+        if not name.startswith(OWN):
+            assert after.get(name) == digest, f"{command} {out}: {name} changed"
+    if not force:
+        assert (t / "mine.txt").read_bytes() == mine

@@ -29,7 +29,13 @@ from longtail.data import (
     load_source,
 )
 from longtail.data import download as download_dataset
-from longtail.deploy import EXPORT_FORMATS, export_run, predict_images, write_predictions_csv
+from longtail.deploy import (
+    EXPORT_FORMATS,
+    check_output,
+    export_run,
+    predict_images,
+    write_predictions_csv,
+)
 from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
 from longtail.errors import DataError, LongtailError, UsageError, shown
@@ -258,14 +264,15 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="write a CSV here instead of printing")] = None,
     top_k: Annotated[int, typer.Option(help="most probable classes to list")] = 5,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
 ) -> None:
     """Classify images with a trained run (its evaluation preprocessing)."""
     _check_run_dir(run_dir)
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out {shown(out)} is a directory; give a CSV file's path")
+    if out is not None:  # before any work: never over a run's files, nothing else unasked
+        check_output(out, run_dir, [run_dir / "predictions.csv"], force)
     rows = predict_images(run_dir, images, top_k=top_k)
     if out is not None:
-        write_predictions_csv(rows, out)
+        write_predictions_csv(rows, out, run_dir, force=force)
         print(f"{len(rows)} predictions written to {out}")
     elif as_json:
         _print_json(rows)
@@ -280,12 +287,13 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="a directory written by `longtail train`")],
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="model file (default RUN_DIR/export/)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
 ) -> None:
     """Export a run's model with its class names and preprocessing (a .json beside it)."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     _check_run_dir(run_dir)
-    path = export_run(run_dir, fmt, out)
+    path = export_run(run_dir, fmt, out, force=force)
     print(f"model: {path}\nclasses and preprocessing: {path.with_name(path.name + '.json')}")
 
 

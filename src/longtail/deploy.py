@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from longtail import jsonio
 from longtail.data import build_transform
 from longtail.data.sources import decode_image
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
-from longtail.errors import UsageError, shown
+from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
 from longtail.runs import RunInfo, load_run
 
@@ -104,14 +105,61 @@ def predict_images(
     return rows
 
 
-def write_predictions_csv(rows: list[dict[str, Any]], out: str | Path) -> None:
-    """``rows`` of :func:`predict_images` as CSV: path, class, probability, top_k."""
-    with Path(out).open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "class", "probability", "top_k"])
-        for r in rows:
-            top = ";".join(f"{name}:{q:.6f}" for name, q in r["top"])
-            w.writerow([r["path"], r["class"], f"{r['probability']:.6f}", top])
+def check_output(out: Path, run_dir: Path, own: Sequence[Path], force: bool) -> None:
+    """Refuse to write ``out`` where it would destroy something.
+
+    Inside the run directory only the command's own outputs (``own``) may be written: a
+    checkpoint or config.yaml overwritten would leave the run unusable. Elsewhere an existing
+    file is replaced only with ``force``.
+    """
+    if out.is_dir() or not out.name:
+        raise UsageError(f"{{out}} {shown(out)} is a directory; give a file's path")
+    target, run = out.resolve(), run_dir.resolve()
+    if run == target or run in target.parents:
+        if target not in {p.resolve() for p in own}:
+            raise UsageError(
+                f"{{out}} {shown(out)} lies inside the run directory {shown(run_dir)}, whose "
+                "files are not replaced; give a path outside it (or leave {out} out)"
+            )
+        return
+    if out.exists() and not force:
+        raise UsageError(f"{{out}} {shown(out)} exists; pass {{force}} to replace it")
+
+
+def write_output(out: Path, write: Callable[[Path], None]) -> None:
+    """Write ``out`` atomically: ``write`` fills a temporary file beside it, which then
+    replaces ``out``; a failure leaves ``out`` as it was and names the path."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.open("wb").close()  # fails here, as an OSError, where nothing can be written
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise LongtailError(
+            f"cannot write {{out}} {shown(out)}: {e.strerror or e}; choose another path"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_predictions_csv(
+    rows: list[dict[str, Any]], out: str | Path, run_dir: str | Path, force: bool = False
+) -> None:
+    """``rows`` of :func:`predict_images` as CSV (path, class, probability, top_k) at ``out``
+    (:func:`check_output`: never over a run's files; an existing file only with ``force``)."""
+    out = Path(out)
+    check_output(out, Path(run_dir), [Path(run_dir) / "predictions.csv"], force)
+
+    def write(path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "class", "probability", "top_k"])
+            for r in rows:
+                top = ";".join(f"{name}:{q:.6f}" for name, q in r["top"])
+                w.writerow([r["path"], r["class"], f"{r['probability']:.6f}", top])
+
+    write_output(out, write)
 
 
 def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, Any]:
@@ -152,17 +200,24 @@ def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, An
 
 
 def export_run(
-    run_dir: str | Path, fmt: str, out: str | Path | None = None, checkpoint: str = "last"
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    checkpoint: str = "last",
+    force: bool = False,
 ) -> Path:
     """Export a run's model (normalised images in, logits out) for use without longtail.
 
-    Writes the model file and ``<name>.json`` beside it (:func:`preprocessing_card`).
+    Writes the model file and ``<name>.json`` beside it (:func:`preprocessing_card`), each
+    atomically. Inside the run directory only ``export/`` is written; an existing file
+    elsewhere is replaced only with ``force``.
 
     Args:
         run_dir: A trained run directory.
         fmt: ``onnx`` (opset chosen by PyTorch, batch dimension dynamic) or ``torchscript``.
         out: The model file (default ``<run_dir>/export/model.onnx`` or ``.pt``).
         checkpoint: ``last`` or ``best``.
+        force: Replace an existing ``out`` (and its card) outside the run directory.
 
     Returns:
         The model file's path.
@@ -175,26 +230,32 @@ def export_run(
         )
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
-    if out.is_dir():
-        raise UsageError(f"{{out}} {shown(out)} is a directory; give the model file's path")
+    defaults = [run_dir / "export" / f"model{suffix}" for suffix in EXPORT_SUFFIX.values()]
+    own = [*defaults, *(p.with_name(p.name + ".json") for p in defaults)]  # re-export replaces
+    check_output(out, run_dir, own, force)
+    card_path = out.with_name(out.name + ".json")
+    check_output(card_path, run_dir, own, force)
     _, method, info = load_run(run_dir, checkpoint, torch.device("cpu"))
     model = Predictor(method.float().to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, info.channels, info.image_size, info.image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # exporters' deprecation and tracer notices
-        if fmt == "torchscript":
-            torch.jit.trace(model, example).save(str(out))
-        else:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(out),
-                dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, fast
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            )
-    card = preprocessing_card(info, fmt, out.name)
-    out.with_name(out.name + ".json").write_text(jsonio.dumps(card, indent=1), encoding="utf-8")
+
+    def write_model(path: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # exporters' deprecation and tracer notices
+            if fmt == "torchscript":
+                torch.jit.trace(model, example).save(str(path))
+            else:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, fast
+                    input_names=["images"],
+                    output_names=["logits"],
+                    dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                )
+
+    write_output(out, write_model)
+    card = jsonio.dumps(preprocessing_card(info, fmt, out.name), indent=1)
+    write_output(card_path, lambda path: path.write_text(card, encoding="utf-8"))
     return out

@@ -15,12 +15,19 @@ Messages of the library name the option to change as a token (``{out}``, ``{resu
 from __future__ import annotations
 
 # How each option token of a message is spelt: by the Python API, and by the command line.
-API_SPELLING = {"{out}": "out", "{resume}": "resume=True", "{format}": "fmt", "{top_k}": "top_k"}
+API_SPELLING = {
+    "{out}": "out",
+    "{resume}": "resume=True",
+    "{format}": "fmt",
+    "{top_k}": "top_k",
+    "{force}": "force=True",
+}
 CLI_SPELLING = {
     "{out}": "--out",
     "{resume}": "--resume",
     "{format}": "--format",
     "{top_k}": "--top-k",
+    "{force}": "--force",
 }
 
 
