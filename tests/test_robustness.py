@@ -479,3 +479,40 @@ def test_cli_file_arguments_never_destroy_a_run_or_trace_back(
             assert after.get(name) == digest, f"{command} {out}: {name} changed"
     if not force:
         assert (t / "mine.txt").read_bytes() == mine
+
+
+# --- the checkpoint and its metrics line are one record ------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["line-lost", "line-cut-off"])
+def test_a_kill_between_checkpoint_and_metrics_loses_no_line(
+    cut, tiny_fmnist, tmp_path, monkeypatch
+):
+    from longtail.engine.logging import MetricsLog
+
+    raw = tiny_config(tiny_fmnist, train={"epochs": 3})
+    api.train(config_from_dict(raw), tmp_path / "full", progress=False)
+    write = MetricsLog.write
+
+    def killed_at_epoch_2(self, record):
+        if record["epoch"] == 2:
+            if cut == "line-cut-off":  # half of the line reached the disk
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record)[:25])
+            raise KeyboardInterrupt
+        write(self, record)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(MetricsLog, "write", killed_at_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            api.train(config_from_dict(raw), run, progress=False)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1  # epoch 2 saved
+    api.train(config_from_dict(raw), run, resume=True, progress=False)
+    timed = ("epoch_time_s", "images_per_s")
+
+    def rows(path):
+        return [{k: v for k, v in json.loads(x).items() if k not in timed}
+                for x in (path / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+
+    assert rows(run) == rows(tmp_path / "full")  # every line, each once, all whole

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 
 from longtail import jsonio
+from longtail.engine.checkpoint import atomic_write_bytes
 
 #: Keys of an epoch record that the engine writes itself; a method's scalars must not use them.
 RESERVED_KEYS = frozenset(
@@ -33,6 +35,28 @@ class MetricsLog:
     def __init__(self, out: Path, tensorboard: bool = True) -> None:
         self.path = out / "metrics.jsonl"
         self.tb = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
+
+    def repair(self, last: dict[str, Any] | None, epoch: int) -> None:
+        """Make metrics.jsonl agree with a checkpoint of ``epoch`` (1-based) before a resume.
+
+        The checkpoint is written before the epoch's line, and each carries its line
+        (``last``): a kill in between, or during the line's write, left the line missing or
+        cut off. Keeps the whole lines of epochs 1..epoch, restores the checkpoint's own line
+        where it is missing, and rewrites the file atomically.
+        """
+        lines: list[str] = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut off by the kill: it and anything after it go
+                if not isinstance(rec, dict) or not 1 <= rec.get("epoch", 0) <= epoch:
+                    break
+                lines.append(line)
+        if last is not None and (not lines or json.loads(lines[-1])["epoch"] < epoch):
+            lines.append(jsonio.dumps(last))
+        atomic_write_bytes(self.path, "".join(f"{x}\n" for x in lines).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

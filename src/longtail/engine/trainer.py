@@ -377,6 +377,8 @@ def fit(
 
     main = distributed.is_main()  # only rank 0 writes, logs and prints
     log = MetricsLog(out) if main else None
+    if log is not None and ckpt is not None:
+        log.repair(ckpt.get("record"), ckpt["epoch"] + 1)
     bar = ProgressBar(progress if main else False, quiet=not main)
     model: nn.Module = method
     stage_idx, optimizer, loaders, optim_cfg = -1, None, {}, cfg.optim
@@ -433,6 +435,7 @@ def fit(
                 record.update({f"test/{k}": res[k] for k in EVAL_KEYS})
             _check_finite(method, epoch)  # a diverged model never reaches a checkpoint
             state = {
+                "record": record,  # the epoch's metrics line: one record with the weights
                 "model": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
