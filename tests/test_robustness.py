@@ -516,3 +516,59 @@ def test_a_kill_between_checkpoint_and_metrics_loses_no_line(
                 for x in (path / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
 
     assert rows(run) == rows(tmp_path / "full")  # every line, each once, all whole
+
+
+# --- what --resume may change ---------------------------------------------------------------------
+
+
+def test_resume_extends_a_finished_run_as_if_it_had_been_that_long(
+    tiny_fmnist, tmp_path, monkeypatch, capsys
+):
+    from test_bad_inputs import _invoke
+
+    raw = tiny_config(tiny_fmnist, train={"epochs": 4})  # constant lr: nothing depends on length
+    api.train(config_from_dict(raw), tmp_path / "four", progress=False)
+    short = {**raw, "train": {**raw["train"], "epochs": 2}}
+    api.train(config_from_dict(short), tmp_path / "run", progress=False)
+    code, out, err = _invoke(
+        ["train", "--out", tmp_path / "run", "--resume", "--set", "train.epochs=4", "--no-progress"]
+    )
+    assert code == 0, err
+    assert "extending the run from 2 to 4 epochs: epochs 3-4 follow the schedule" in out
+    a = load_checkpoint(tmp_path / "four" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["epochs"] == 4
+    assert json.loads((tmp_path / "run" / "eval_test.json").read_text())["epoch"] == 4
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--set", "optim.lr=0.5"], "optim.lr cannot change"),
+        (["--config", "configs/fashion-mnist/demo.yaml"], "leave out --config"),
+        (["--set", "train.epochs=1"], "fewer than the 2 epochs this run has trained"),
+    ],
+)
+def test_resume_refuses_other_changes(extra, needle, tiny_fmnist, tmp_path):
+    from test_bad_inputs import _invoke
+
+    raw = tiny_config(tiny_fmnist, train={"epochs": 2})
+    api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    code, _, err = _invoke(["train", "--out", tmp_path / "run", "--resume", *extra])
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_resume_refuses_an_extension_that_moves_finished_stages(tiny_fmnist, tmp_path):
+    raw = tiny_config(
+        tiny_fmnist, method={"name": "two-stage-sc", "classifier_epochs": 1}, train={"epochs": 2}
+    )
+    api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    with pytest.raises(UsageError, match="would move the stages of two-stage-sc"):
+        api.train(None, tmp_path / "run", resume=True, changes=["train.epochs=4"], progress=False)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["epochs"] == 2

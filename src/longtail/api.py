@@ -29,12 +29,14 @@ from longtail.runs import (
     RunInfo,
     _state_mismatch,
     check_checkpoint,
+    check_extension,
     config_device,
     data_summary,
     evaluate_run,
     load_run,
     read_run_config,
     read_run_info,
+    resume_config,
     run_plan,
     subsampling_warning,
     summary_lines,
@@ -91,14 +93,28 @@ def checkpoint_bytes(method: Method) -> int:
 
 
 def train(
-    cfg: Config, out: str | Path, *, resume: bool = False, progress: bool | None = None
+    cfg: Config | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    changes: list[str] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out`` and evaluate the last epoch on the test split.
 
     The config, the data and the model are checked before anything is written: a run that
-    fails before its first checkpoint leaves nothing that blocks the same command, and a
-    directory left by such a run is taken over. With ``resume``, the run's own
-    ``config.yaml`` is used and training continues from ``checkpoints/last.pt``.
+    fails before its first checkpoint leaves nothing behind, and a directory left by a killed
+    one is taken over. With ``resume``, the run's own ``config.yaml`` is used (``cfg`` is
+    ignored) and training continues from ``checkpoints/last.pt``.
+
+    Args:
+        cfg: The run's config (None with ``resume``).
+        out: The run directory.
+        resume: Continue the run in ``out``.
+        changes: With ``resume``, ``key=value`` changes to the run's config: ``train.epochs``
+            to extend it (the epochs still to come follow the schedule of a run of that many
+            epochs), and the settings of the machine (``data.root``, ``train.device``, ...).
+        progress: Show a progress bar (default: when stderr is a terminal).
 
     Returns:
         The test metrics of the last epoch (also written to ``eval_test.json``).
@@ -108,10 +124,16 @@ def train(
     if main:
         run.check_path()
         run.check_not_in_use()
+    before: Config | None = None
     if resume:
         if main:
             run.check_resumable()
         cfg = read_run_config(run.path)
+        if changes:
+            before = cfg
+            cfg, _ = resume_config(cfg, changes)
+    elif cfg is None:
+        raise UsageError("a new run needs a config (or resume=True to continue one)")
     else:
         cfg = validate(cfg)
         if main:
@@ -146,7 +168,7 @@ def train(
 
     created = run.missing_ancestor() if main and not resume else None
     try:
-        return _train_in(run, cfg, method, data, device, plan, resume, progress)
+        return _train_in(run, cfg, method, data, device, plan, resume, progress, before)
     except BaseException:
         if main and not resume:  # a start that failed before its first checkpoint
             run.undo_failed_start(created)  # leaves nothing behind
@@ -162,8 +184,10 @@ def _train_in(
     plan: list[dict[str, Any]],
     resume: bool,
     progress: bool | None,
+    before: Config | None = None,
 ) -> dict[str, Any]:
-    """Write the run directory, train, evaluate and report (see :func:`train`)."""
+    """Write the run directory, train, evaluate and report (see :func:`train`); ``before``:
+    the run's config before a resume's changes."""
     main = distributed.is_main()
     with run.locked() if main else contextlib.nullcontext():
         if main and not resume:
@@ -192,7 +216,21 @@ def _train_in(
         ckpt = None
         if resume:
             ckpt = load_checkpoint(run.last, map_location=device)
-            check_checkpoint(ckpt, cfg, run.last, method)
+            extended = before is not None and before.train.epochs != cfg.train.epochs
+            if extended:
+                assert before is not None
+                check_extension(before, cfg, ckpt["epoch"] + 1)
+            check_checkpoint(ckpt, cfg, run.last, method, ("train.epochs",) if extended else ())
+            if before is not None and main:  # the run's files say what it now is
+                atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
+                atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
+                if extended:
+                    assert before is not None
+                    print(
+                        f"extending the run from {before.train.epochs} to {cfg.train.epochs} "
+                        f"epochs: epochs {ckpt['epoch'] + 2}-{cfg.train.epochs} follow the "
+                        f"schedule of a {cfg.train.epochs}-epoch run"
+                    )
         fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
         res = evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
         if cfg.train.report:

@@ -91,10 +91,19 @@ def train(
     """Train a recipe; the last epoch is evaluated on the test split."""
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR, the run to continue")
-    cfg = load_config(config, overrides or [])
-    out = out or _default_out(cfg.name)
+    if resume and config is not None:
+        raise UsageError(
+            "--resume continues the run with its own config.yaml; leave out --config (extend "
+            "the run with --set train.epochs=N)"
+        )
+    cfg = None if resume else load_config(config, overrides or [])
+    if cfg is not None:
+        out = out or _default_out(cfg.name)
+    assert out is not None
     try:
-        res = run_training(cfg, out, resume=resume, progress=progress)
+        res = run_training(
+            cfg, out, resume=resume, changes=overrides if resume else None, progress=progress
+        )
     except KeyboardInterrupt:
         if RunDir(out).started():
             raise Interrupted(

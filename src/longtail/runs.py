@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import torch
 import yaml
 
 from longtail import jsonio
-from longtail.build import build_data, build_method, config_key, validate
-from longtail.config import Config, config_from_dict, load_yaml
+from longtail.build import build_data, build_method, config_key, method_options, validate
+from longtail.config import Config, config_from_dict, deep_merge, load_yaml, parse_overrides
 from longtail.data import RunData, default_root
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
@@ -28,7 +29,7 @@ from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
 from longtail.engine.trainer import evaluate, resolve_device
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
-from longtail.methods import Method
+from longtail.methods import METHODS, Method
 
 
 def config_device(cfg: Config) -> torch.device:
@@ -199,6 +200,56 @@ MACHINE_KEYS = frozenset(
 )
 
 
+# What --resume may change: where the data is and how this machine runs (MACHINE_KEYS), and
+# train.epochs, to extend a run.
+RESUME_KEYS = MACHINE_KEYS | {"train.epochs"}
+
+
+def resume_config(cfg: Config, changes: list[str]) -> tuple[Config, int | None]:
+    """The run's config with the ``--set`` changes a resume allows.
+
+    Returns:
+        The new config, and the run's former epoch count when the change extends it.
+    """
+    given = parse_overrides(changes)
+    flat = _flat(given)
+    refused = sorted(k for k in flat if k not in RESUME_KEYS)
+    if refused:
+        raise UsageError(
+            f"{{resume}} continues the run as its config.yaml says; {refused[0]} cannot change "
+            "(extend a run with train.epochs=N, or move it with data.root, train.device; start "
+            "a new run for anything else)"
+        )
+    new = validate(
+        config_from_dict(deep_merge(cfg.model_dump(mode="json"), parse_overrides(changes)))
+    )
+    extended = cfg.train.epochs if new.train.epochs != cfg.train.epochs else None
+    return new, extended
+
+
+def check_extension(old: Config, new: Config, trained: int) -> None:
+    """Raise UsageError unless ``new`` (more epochs) keeps the ``trained`` epochs of ``old``
+    in the stages they were trained in."""
+    if new.train.epochs < trained:
+        raise UsageError(
+            f"train.epochs={new.train.epochs} is fewer than the {trained} epochs this run has "
+            "trained; give more to extend it"
+        )
+
+    def layout(cfg: Config) -> list[tuple[str, int]]:
+        cls = METHODS.get(cfg.method_name)
+        stages = cls(cfg, method_options(cfg.method_name, cfg.method_options)).stages()
+        return [(s.name, i) for s in stages for i in range(s.epochs)]
+
+    before, after = layout(old), layout(new)
+    if after[:trained] != before[:trained]:
+        raise UsageError(
+            f"train.epochs={new.train.epochs} would move the stages of {old.method_name} under "
+            f"the {trained} epochs already trained; start a new run (or set the stage lengths "
+            "so that they stay)"
+        )
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -212,16 +263,20 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_checkpoint(ckpt: dict[str, Any], cfg: Config, path: Path, method: Method) -> None:
+def check_checkpoint(
+    ckpt: dict[str, Any], cfg: Config, path: Path, method: Method, may_differ: Iterable[str] = ()
+) -> None:
     """Load the checkpoint's weights into ``method``, after checking that it comes from this
-    config and fits this method's modules."""
+    config (but for the keys ``may_differ``) and fits this method's modules."""
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise LongtailError(f"{shown(path)} is not a longtail checkpoint")
     saved = ckpt.get("config")
     if isinstance(saved, dict):
         a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
         differ = sorted(
-            k for k in a.keys() | b.keys() if k not in MACHINE_KEYS and a.get(k) != b.get(k)
+            k
+            for k in a.keys() | b.keys()
+            if k not in MACHINE_KEYS and k not in may_differ and a.get(k) != b.get(k)
         )
         if differ:
             k = differ[0]
