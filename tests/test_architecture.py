@@ -32,7 +32,8 @@ LAYERS = {
     "longtail.api": 8,
     "longtail.deploy": 8,
     "longtail.cli": 9,
-    "longtail.__main__": 10,
+    "longtail.entry": 10,
+    "longtail.__main__": 11,
 }
 
 

@@ -221,3 +221,21 @@ def test_torchrun_resumes_a_single_process_run_and_counts_each_test_image_once(
     # one process evaluating the checkpoint the two wrote agrees with them
     res1 = api.evaluate_run(out, save=False)
     assert res1["num_samples"] == 70 and res1["per_class"] == res["per_class"]
+
+
+def test_torchrun_with_a_batch_that_does_not_split_says_so_once(tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm")
+    out = tmp_path / "runs" / "x"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "longtail", "train", "--set", f"data.root={root}", "--set", "train.batch_size=3",
+           "--set", "model.backbone=convnet-tiny", "--set", "train.device=cpu", "--out", str(out),
+           "--no-progress"]  # fmt: skip
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0
+    ours = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert ours == [
+        "error: config key 'train.batch_size': a global batch of 3 does not split over 2 "
+        "processes; use a multiple of 2"
+    ]
+    assert not (tmp_path / "runs").exists()

@@ -572,3 +572,37 @@ def test_resume_refuses_an_extension_that_moves_finished_stages(tiny_fmnist, tmp
     with pytest.raises(UsageError, match="would move the stages of two-stage-sc"):
         api.train(None, tmp_path / "run", resume=True, changes=["train.epochs=4"], progress=False)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_a_full_disk_while_the_report_is_written_keeps_the_run_and_says_so(
+    tiny_fmnist, tmp_path, monkeypatch
+):
+    import errno
+
+    from longtail import reporting
+
+    def full(report, out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reporting, "write_report", full)
+    raw = tiny_config(tiny_fmnist, train={"report": True})
+    with pytest.raises(LongtailError) as error:
+        api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    message = str(error.value)
+    assert "the run is trained and saved in" in message and "No space left" in message
+    assert "longtail report" in message and "\n" not in message
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "run" / "eval_test.json").is_file()
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    """SIGINT while `longtail` is still importing torch: no traceback."""
+    cmd = [sys.executable, "-c", "import sys; sys.argv = ['longtail', 'methods']; "
+           "from longtail.entry import main; main()"]  # fmt: skip
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.4)  # the interpreter is up; torch takes seconds more to import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)

@@ -1,5 +1,5 @@
 """``python -m longtail`` (what ``torchrun -m longtail`` runs): the command line."""
 
-from longtail.cli import main
+from longtail.entry import main
 
 main()

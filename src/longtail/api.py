@@ -8,6 +8,7 @@ Reading finished runs lives in :mod:`longtail.runs`; its names are re-exported h
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import fit, seed_everything
-from longtail.errors import UsageError, shown
+from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
 from longtail.reporting import report_run
 from longtail.runs import (
@@ -138,6 +139,12 @@ def train(
         cfg = validate(cfg)
         if main:
             run.check_new()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.batch_size % world:  # before the processes wait for each other
+        raise UsageError(
+            f"config key 'train.batch_size': a global batch of {cfg.train.batch_size} does not "
+            f"split over {world} processes; use a multiple of {world}"
+        )
     distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -234,5 +241,13 @@ def _train_in(
         fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
         res = evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
         if cfg.train.report:
-            report_run(run.path, cfg=cfg, method=method, data=data, device=device, evaluation=res)
+            try:
+                report_run(
+                    run.path, cfg=cfg, method=method, data=data, device=device, evaluation=res
+                )
+            except LongtailError as e:  # the run itself is saved: say so
+                raise LongtailError(
+                    f"the run is trained and saved in {shown(run.path)} (checkpoints, "
+                    f"eval_test.json), but {e.template}"
+                ) from None
         return res

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -341,7 +342,10 @@ def main() -> None:
     try:
         app(standalone_mode=False, prog_name="longtail")
     except LongtailError as e:
-        print(f"error: {e.for_cli()}", file=sys.stderr)
+        if distributed.is_main_from_env():  # under torchrun, one line: rank 0's
+            print(f"error: {e.for_cli()}", file=sys.stderr)
+        else:  # the others fail alike: let rank 0 say it before torchrun stops everyone
+            time.sleep(2)
         sys.exit(e.exit_code)
     except typer.Abort:
         print("aborted", file=sys.stderr)

@@ -22,7 +22,7 @@ from longtail.engine import distributed
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.run_dir import CHECKPOINT_DIR
 from longtail.engine.trainer import predict_loader
-from longtail.errors import DataError, UsageError, shown
+from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.evaluation.report import ReportInput, write_report
 from longtail.methods import Method
@@ -171,7 +171,13 @@ def report_run(
         embedding_method=f"PCA, {len(ys)} images",
         config_text=config_path.read_text(encoding="utf-8") if config_path.is_file() else "",
     )
-    return write_report(report, out)
+    try:
+        return write_report(report, out)
+    except OSError as e:  # a read-only run directory, a full disk
+        raise LongtailError(
+            f"cannot write the report in {shown(out)}: {e.strerror or e}; free some space (or "
+            f"make the folder writable), then run `longtail report {shown(out)}`"
+        ) from None
 
 
 # -- compare ---------------------------------------------------------------------------------

@@ -1,0 +1,16 @@
+"""The ``longtail`` command's entry point: the command line, with a Ctrl-C during its start-up
+imports (torch takes seconds to import) ending as quietly as one later on."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Import the command line and run it."""
+    try:
+        from longtail.cli import main as run
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    run()
