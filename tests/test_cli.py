@@ -39,7 +39,8 @@ def test_data_stats_json(extra, head, tail, tmp_path, monkeypatch, capsys):
     )
     stats = json.loads(out)
     assert code == 0
-    assert set(stats) == {"num_classes", "classes", "counts", "total", "groups"}
+    assert set(stats) == {"num_classes", "classes", "counts", "total", "groups", "skipped_links"}
+    assert stats["skipped_links"] == []
     assert (
         stats["counts"][0] == head
         and stats["counts"][-1] == tail

@@ -39,6 +39,7 @@ from longtail.runs import (
     read_run_info,
     resume_config,
     run_plan,
+    skipped_links_warning,
     subsampling_warning,
     summary_lines,
 )
@@ -216,9 +217,9 @@ def _train_in(
                 atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
             for line in summary_lines(summary):
                 print(line)
-            warning = subsampling_warning(cfg, data)
-            if warning and not resume:
-                print(f"warning: {warning}", file=sys.stderr)
+            for warning in (subsampling_warning(cfg, data), skipped_links_warning(cfg, data)):
+                if warning and not resume:
+                    print(f"warning: {warning}", file=sys.stderr)
         distributed.barrier()  # the run directory is ready for every process
         ckpt = None
         if resume:

@@ -43,6 +43,7 @@ from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
 from longtail.reporting import compare_row, format_table, report_run
+from longtail.runs import skipped_links_warning
 
 
 class Interrupted(LongtailError):
@@ -222,7 +223,8 @@ def data_stats(
 ) -> None:
     """Class counts and many/medium/few groups of the long-tailed training set."""
     data_cfg = _stats_data_config(dataset, root, ratio, profile, n_max)
-    data = build_data(Config(data=data_cfg), need_test=False, check_classes=False)
+    cfg = Config(data=data_cfg)
+    data = build_data(cfg, need_test=False, check_classes=False)
     counts = data.counts.tolist()
     stats = {
         "num_classes": data.num_classes,
@@ -230,7 +232,11 @@ def data_stats(
         "counts": counts,
         "total": int(sum(counts)),
         "groups": shot_groups(counts),
+        "skipped_links": data.train_source.skipped,
     }
+    skipped = skipped_links_warning(cfg, data)
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
     if as_json:
         _print_json(stats)
         return

@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from longtail import jsonio
 from longtail.data import build_transform
-from longtail.data.sources import decode_image
+from longtail.data.sources import check_plain_tree, decode_image, walk_images
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
@@ -36,9 +36,8 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
-            )
+            check_plain_tree(p)
+            found += walk_images(p, IMG_EXTENSIONS)[0]  # symlinked folders are not entered
         elif p.is_file():
             found.append(p)
         else:

@@ -90,6 +90,21 @@ def subsampling_warning(cfg: Config, data: RunData) -> str | None:
     )
 
 
+def skipped_links_warning(cfg: Config, data: RunData) -> str | None:
+    """One line naming the symlinked folders that reading the data did not enter."""
+    sources = (data.train_source, data.val_source, data.test_source)
+    links = sorted({x for s in sources if s is not None for x in s.skipped})
+    if not links:
+        return None
+    more = f" and {len(links) - 3} more" if len(links) > 3 else ""
+    return (
+        f"{len(links)} symlinked folder{'s' if len(links) > 1 else ''} in "
+        f"{shown(data_location(cfg))} not entered ({', '.join(map(shown, links[:3]))}{more}): "
+        "a link back into the tree would repeat images under another class; copy or move the "
+        "images into the tree to use them"
+    )
+
+
 def describe_schedule(optim: Any, epochs: int) -> str:
     """The learning-rate schedule of a stage in words, e.g. ``lr 0.1, x0.1 at epoch 160, 180``."""
     text = f"lr {optim.lr:g}"

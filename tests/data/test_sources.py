@@ -351,3 +351,49 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert grey[0].tolist() == [0, 64, 128, 255]
     rgb = np.asarray(decode_image(tmp_path / "deep.png", "RGB"))
     assert rgb.shape == (4, 4, 3) and rgb[0, :, 1].tolist() == [0, 64, 128, 255]
+
+
+def test_symlinked_folders_are_not_entered_and_are_named(tmp_path, capsys, monkeypatch):
+    """A loop (c0/up -> ..) once repeated the images, relabelled, with no warning."""
+    import os
+    import sys
+
+    from PIL import Image
+
+    from longtail import cli
+    from longtail.data.sources import load_source
+
+    root = tmp_path / "photos"
+    for c, n in (("c0", 20), ("c1", 10)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / c / f"{i}.png")
+    os.symlink("..", root / "c0" / "up")  # back into the tree: a loop
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "x.png")
+    os.symlink(elsewhere, root / "c1" / "more")  # out of the tree
+    os.symlink(elsewhere, root / "c2")  # a class folder that is a link
+    source = load_source("folder", root, "train")
+    assert np.bincount(source.targets).tolist() == [20, 10]
+    assert source.classes == ["c0", "c1"]
+    assert sorted(source.skipped) == sorted(
+        ["c0/up -> ..", f"c1/more -> {elsewhere}", f"c2 -> {elsewhere}"]
+    )
+    monkeypatch.setattr(sys, "argv", ["longtail", "data", "stats", str(root), "--json"])
+    cli.main()
+    out, err = capsys.readouterr()
+    assert "3 symlinked folders" in err and "c0/up -> .." in err and err.count("\n") == 1
+    assert '"total": 30' in out
+
+
+def test_kernel_views_are_refused_not_walked(capsys, monkeypatch):
+    import sys
+
+    from longtail import cli
+
+    monkeypatch.setattr(sys, "argv", ["longtail", "data", "stats", "/proc/self"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 1
+    assert "is not a folder of image files" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import gzip
 import json
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torchvision.datasets as tvd
 from PIL import Image
-from torchvision.datasets.folder import make_dataset
 
 from longtail.errors import DataError, shown
 from longtail.registry import Registry
@@ -76,6 +75,8 @@ class Source(abc.ABC):
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: Symlinked folders that reading the source did not enter ("a/b -> target").
+    skipped: list[str] = []  # replaced, never mutated
 
     @property
     def num_classes(self) -> int:
@@ -524,19 +525,64 @@ def _fashion_mnist(root: Path | None, split: str, **options: Any) -> Source:
 # --- Image files -----------------------------------------------------------------------------
 
 
+# Kernel views that look like folders: walking them reads no images and may never end.
+SPECIAL_TREES = ("/proc", "/sys", "/dev")
+
+
+def check_plain_tree(folder: Path) -> None:
+    """Refuse a folder that is a view of the kernel rather than of files (``/proc/self``)."""
+    real = str(folder.resolve())
+    if any(real == t or real.startswith(t + "/") for t in SPECIAL_TREES):
+        raise DataError(
+            f"{shown(folder)} is not a folder of image files (it lies in {real.split('/')[1]!r}, "
+            "a view of the system); give the folder of your images"
+        )
+
+
+def walk_images(folder: Path, extensions: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """Image files under ``folder`` (sorted) and the symlinked folders skipped.
+
+    A folder inside the tree that is a symbolic link is not entered: one that points back
+    into the tree (``c0/up -> ..``) would repeat its images, relabelled, forever; one that
+    points out of it takes images from elsewhere. Symlinked files are read.
+    """
+    exts = {e.lower() for e in extensions}
+    files: list[Path] = []
+    skipped: list[str] = []
+    for here, dirs, names in os.walk(folder, followlinks=False):
+        base = Path(here)
+        for d in sorted(dirs):
+            if (base / d).is_symlink():
+                skipped.append(f"{(base / d).relative_to(folder)} -> {os.readlink(base / d)}")
+        dirs[:] = sorted(d for d in dirs if not (base / d).is_symlink())
+        files += [
+            base / n for n in names if Path(n).suffix.lower() in exts and (base / n).is_file()
+        ]
+    return sorted(files), skipped
+
+
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Class folders: the real (not symlinked) folders of ``folder``."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
 
 
 def _image_folder(root: Path, folder: Path, classes: list[str]) -> FileSource:
     """ImageFolder layout: ``folder/<class>/**/<image>``; paths are stored relative to root."""
-    # torchvision's own walk (the one ImageFolder uses), with our extensions, case-blind.
-    found = make_dataset(
-        str(folder),
-        {name: label for label, name in enumerate(classes)},
-        extensions=tuple(sorted(IMAGE_EXTENSIONS)),
-        allow_empty=True,
-    )
+    found: list[tuple[Path, int]] = []
+    skipped = [
+        f"{p.relative_to(root)} -> {os.readlink(p)}"
+        for p in sorted(folder.iterdir())
+        if p.is_symlink() and p.is_dir()
+    ]
+    for label, name in enumerate(classes):
+        if (folder / name).is_dir():
+            files, links = walk_images(folder / name, IMAGE_EXTENSIONS)
+            found += [(f, label) for f in files]
+            skipped += [f"{(folder / name).relative_to(root)}/{x}" for x in links]
     if not found:
         raise DataError(
             f"no images found in {shown(folder)}; expected {shown(folder)}/<class_name>/<image> "
@@ -545,7 +591,9 @@ def _image_folder(root: Path, folder: Path, classes: list[str]) -> FileSource:
         )
     paths = [Path(p).relative_to(root).as_posix() for p, _ in found]
     targets = np.asarray([label for _, label in found], dtype=np.int64)
-    return FileSource(root, paths, targets, classes)
+    source = FileSource(root, paths, targets, classes)
+    source.skipped = skipped
+    return source
 
 
 @DATASETS.register("folder")
@@ -558,6 +606,7 @@ def _folder(root: Path | None, split: str, **options: Any) -> Source:
         raise DataError(
             f"image folder {shown(root)} does not exist; give the folder of your images"
         )
+    check_plain_tree(root)
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:  # a plain <class>/<image> tree: one split, the training set
         if not _class_dirs(root):
@@ -757,6 +806,7 @@ def dataset_for_path(path: str | Path, root: str | Path | None = None) -> dict[s
     """
     p = Path(path).expanduser()
     if p.is_dir():
+        check_plain_tree(p)
         return {"dataset": "folder", "root": str(p), "files": {}}
     if not p.exists():
         raise DataError(
