@@ -606,3 +606,94 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
+
+
+# --- SIGTERM: what a cluster's scheduler sends before it kills a job ---------------------------
+
+
+def _sigterm_at(monkeypatch, name: str, epoch: int, step: int) -> None:
+    """The process receives SIGTERM as step ``step`` (1-based) of epoch ``epoch`` (1-based)
+    starts computing."""
+    import os
+
+    cls = METHODS.get(name)
+    original, seen = cls.training_step, {}
+
+    def step_fn(self, batches, e):
+        seen[e] = seen.get(e, 0) + 1
+        if (e + 1, seen[e]) == (epoch, step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batches, e)
+
+    monkeypatch.setattr(cls, "training_step", step_fn)
+
+
+@pytest.mark.parametrize(
+    ("name", "epoch", "step"),
+    [("hybrid-sc", 2, 3), ("dscl", 1, 2), ("crt", 3, 2)],  # crt: in its classifier stage
+)
+def test_sigterm_saves_the_epoch_in_progress_and_resumes_exactly(
+    name, epoch, step, tiny_fmnist, tmp_path, monkeypatch
+):
+    method = {"name": name, **({"classifier_epochs": 1} if name in ("dscl", "crt") else {})}
+    if name == "dscl":
+        method["queue_size"] = 32
+    raw = tiny_config(tiny_fmnist, method=method, train={"epochs": 3, "batch_size": 8})
+    cls = METHODS.get(name)
+    step_fn = cls.training_step
+
+    def noisy(self, batches, e):  # a step that draws from torch's generator, as dropout does
+        terms = step_fn(self, batches, e)
+        return {**terms, "loss": terms["loss"] * (1 + 0.1 * torch.rand(()))}
+
+    monkeypatch.setattr(cls, "training_step", noisy)
+    api.train(config_from_dict(raw), tmp_path / "full", progress=False)
+    with monkeypatch.context() as m:
+        _sigterm_at(m, name, epoch, step)
+        with pytest.raises(LongtailError, match=rf"SIGTERM in epoch {epoch} after step {step} "):
+            api.train(config_from_dict(raw), tmp_path / "cut", progress=False)
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert ckpt["partial"]["epoch"] == epoch - 1 and ckpt["partial"]["step"] == step
+    logged = tmp_path / "cut" / "metrics.jsonl"
+    lines = len(_rows(tmp_path / "cut")) if logged.exists() else 0
+    assert lines == epoch - 1  # the epoch in progress is not logged yet
+    api.train(config_from_dict(raw), tmp_path / "cut", resume=True, progress=False)
+    _same_weights(tmp_path / "full", tmp_path / "cut")
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+    assert json.loads((tmp_path / "cut" / "eval_test.json").read_text()) == json.loads(
+        (tmp_path / "full" / "eval_test.json").read_text()
+    )
+
+
+def test_sigterm_on_the_command_line_exits_143_with_the_resume_command(tiny_fmnist, tmp_path):
+    raw = tiny_config(tiny_fmnist, train={"epochs": 2, "batch_size": 8})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(SRC)!r})
+        from longtail.methods import METHODS
+        cls = METHODS.get("ce")
+        step, seen = cls.training_step, []
+        def term(self, b, e):
+            seen.append(e)
+            if len(seen) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(self, b, e)
+        cls.training_step = term
+        sys.argv = ["longtail", "train", "--config", {str(tmp_path / "c.yaml")!r}, "--out",
+                    {str(out)!r}, "--no-progress"]
+        from longtail.entry import main
+        main()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 143, done.stderr
+    steps = load_checkpoint(out / "checkpoints" / "last.pt")["partial"]["steps"]
+    assert done.stderr == (
+        f"stopped by SIGTERM in epoch 1 after step 4 of {steps}; saved in {out}: continue with "
+        f"`longtail train --out {out} --resume`\n"
+    )

@@ -39,6 +39,7 @@ from longtail.deploy import (
 )
 from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
+from longtail.engine.trainer import Preempted
 from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
@@ -349,7 +350,8 @@ def main() -> None:
         app(standalone_mode=False, prog_name="longtail")
     except LongtailError as e:
         if distributed.is_main_from_env():  # under torchrun, one line: rank 0's
-            print(f"error: {e.for_cli()}", file=sys.stderr)
+            said = e.for_cli() if isinstance(e, Preempted) else f"error: {e.for_cli()}"
+            print(said, file=sys.stderr)
         else:  # the others fail alike: let rank 0 say it before torchrun stops everyone
             time.sleep(2)
         sys.exit(e.exit_code)

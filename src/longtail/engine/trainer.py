@@ -8,7 +8,10 @@ supplies its modules, the loaders of its branches and the loss terms of a step.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
@@ -155,8 +158,12 @@ def train_one_epoch(
     device: torch.device,
     train_cfg: TrainConfig,
     bar: ProgressBar,
+    carry: dict[str, Any] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """One pass over the shortest of ``loaders``; returns the epoch's record (no evaluation).
+    """One pass over the shortest of ``loaders``; returns the epoch's record (no evaluation),
+    or, when ``stop()`` turns true after a step, ``{"preempted": {...}}``: the steps done and
+    the sums so far, from which ``carry`` continues the epoch exactly.
 
     Args:
         method: The method, on ``device``.
@@ -169,6 +176,9 @@ def train_one_epoch(
         device: Training device.
         train_cfg: The config's ``train`` section.
         bar: Progress display.
+        carry: A preempted epoch's state: its first ``step`` steps are skipped (their batches
+            drawn, not computed) and its sums continue.
+        stop: Asked after every step whether to stop the epoch there (SIGTERM).
     """
     for loader in loaders.values():
         set_loader_epoch(loader, epoch)
@@ -181,9 +191,15 @@ def train_one_epoch(
     )
     guard = NonFiniteGuard()
     skip = train_cfg.nonfinite == "skip"
-    sums: dict[str, Tensor] = {}
-    images, skipped, lr, t0 = 0, 0, float("nan"), time.perf_counter()
+    carry = carry or {}
+    sums: dict[str, Tensor] = {k: torch.tensor(v) for k, v in carry.get("sums", {}).items()}
+    first = carry.get("step", 0)
+    images, skipped = carry.get("images", 0), carry.get("skipped", 0)
+    lr, t0 = float("nan"), time.perf_counter()
     for step, batch in enumerate(zip(*loaders.values(), strict=False)):
+        if step < first:  # done before the preemption: the batch is drawn, not computed
+            bar.advance("")
+            continue
         lr = lr_at(step / steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -191,6 +207,7 @@ def train_one_epoch(
             dict(zip(loaders, batch, strict=True)), device, train_cfg.channels_last
         )
         saved = [b.detach().clone() for b in method.buffers()] if skip else []
+        method.step_in_epoch = step
         with amp:
             terms = model(batches, epoch)
         images += batches.images_read()
@@ -215,6 +232,11 @@ def train_one_epoch(
             bar.advance(f"loss {float(terms['loss'].detach()):.4f}")
         else:
             bar.advance("")
+        if stop is not None and step < steps - 1 and stop():
+            guard.check(epoch)
+            done = {k: float(v) for k, v in sums.items()}
+            return {"preempted": {"step": step + 1, "sums": done, "images": images,
+                                  "skipped": skipped, "steps": steps}}  # fmt: skip
     guard.check(epoch)
     if skipped == steps:
         raise LongtailError(
@@ -303,6 +325,32 @@ class Diverged(LongtailError):
     """The model's outputs stopped being numbers."""
 
 
+class Preempted(LongtailError):
+    """Training stopped at a SIGTERM (what a cluster's scheduler sends before it kills a
+    job), with a checkpoint that continues the epoch where it stopped."""
+
+    exit_code = 143  # 128 + SIGTERM, what the shell reports for a job ended by it
+
+
+@contextlib.contextmanager
+def preemption() -> Iterator[Callable[[], bool]]:
+    """While training: SIGTERM only asks to stop after the current step. Yields
+    ``stop()``, true on every process once any of them has been asked."""
+    asked = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        asked["stop"] = True
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield lambda: distributed.any_process(asked["stop"])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _evaluate_epoch(
     method: Method,
     data: RunData,
@@ -371,9 +419,11 @@ def fit(
     stages = method.stages()
     total_epochs = sum(s.epochs for s in stages)
     start_epoch, best = 0, None
+    partial = None  # a checkpoint written mid-epoch, at a SIGTERM
     if ckpt is not None:
         _restore(method, ckpt)
         start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best")
+        partial = ckpt.get("partial")
 
     main = distributed.is_main()  # only rank 0 writes, logs and prints
     log = MetricsLog(out) if main else None
@@ -382,7 +432,10 @@ def fit(
     bar = ProgressBar(progress if main else False, quiet=not main)
     model: nn.Module = method
     stage_idx, optimizer, loaders, optim_cfg = -1, None, {}, cfg.optim
-    try:
+    with preemption() as stop, contextlib.ExitStack() as closing:
+        closing.callback(bar.close)
+        if log is not None:
+            closing.callback(log.close)
         for epoch in range(start_epoch, total_epochs):
             idx, stage, stage_epoch = locate_stage(stages, epoch)
             if idx != stage_idx:
@@ -400,6 +453,10 @@ def fit(
             assert optimizer is not None
 
             method.on_epoch_start(epoch)
+            carry = partial if epoch == start_epoch else None
+            if carry is not None:  # continue the epoch as it was when it stopped
+                method.load_epoch_state(carry["method"])
+                torch.set_rng_state(ckpt["torch_rng"].cpu())  # type: ignore[index]
             bar.start_epoch(epoch + 1, total_epochs, min(len(x) for x in loaders.values()))
             stats = train_one_epoch(
                 method,
@@ -411,7 +468,34 @@ def fit(
                 device,
                 cfg.train,
                 bar,
+                carry,
+                stop,
             )
+            if "preempted" in stats:
+                state = {
+                    "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch - 1,  # the last whole epoch; this one continues from:
+                    "partial": {
+                        **stats["preempted"],
+                        "epoch": epoch,
+                        "method": method.epoch_state(),
+                    },  # fmt: skip
+                    "stage": idx,
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "record": None,
+                    "config": cfg.model_dump(mode="json"),
+                }
+                if main:
+                    _save(state, out / CHECKPOINT_DIR / "last.pt")
+                distributed.barrier()
+                done, steps = stats["preempted"]["step"], stats["preempted"]["steps"]
+                raise Preempted(
+                    f"stopped by SIGTERM in epoch {epoch + 1} after step {done} of {steps}; "
+                    f"saved in {shown(out)}: continue with `longtail train --out {shown(out)} "
+                    "--resume`"
+                )
             scalars = method.scalars()
             if epoch == total_epochs - 1:
                 scalars.update(method.calibrate(_collector(method, data, device, cfg.train)))
@@ -460,7 +544,3 @@ def fit(
                 for w in warnings:
                     bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
             distributed.barrier()  # the others wait until the epoch is saved
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()

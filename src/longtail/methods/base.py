@@ -104,6 +104,9 @@ class Method(nn.Module):
         self.opts = options
         self.stage: Stage | None = None
         self._frozen: list[nn.Module] = []
+        #: The 0-based step of the epoch that ``training_step`` computes (set by the engine),
+        #: for draws that must not depend on how the epoch was run (resumed mid-way, say).
+        self.step_in_epoch = 0
 
     # -- structure ----------------------------------------------------------------------
     @classmethod
@@ -164,6 +167,26 @@ class Method(nn.Module):
     def scalars(self) -> dict[str, float]:
         """Numbers to log with the epoch (a curriculum weight, a margin, ...)."""
         return {}
+
+    def epoch_state(self) -> dict[str, Any]:
+        """What the epoch has gathered so far outside the state_dict (statistics behind
+        :meth:`scalars` and :meth:`warnings`), for a checkpoint written mid-epoch: every
+        attribute of the method's modules that has ``epoch_state``/``load_epoch_state``."""
+        return {key: obj.epoch_state() for key, obj in self._epoch_parts()}
+
+    def load_epoch_state(self, state: Mapping[str, Any]) -> None:
+        """Continue an epoch from :meth:`epoch_state` (after ``on_epoch_start``)."""
+        for key, obj in self._epoch_parts():
+            if key in state:
+                obj.load_epoch_state(state[key])
+
+    def _epoch_parts(self) -> list[tuple[str, Any]]:
+        return [
+            (f"{path}.{name}" if path else name, obj)
+            for path, module in self.named_modules()
+            for name, obj in vars(module).items()
+            if hasattr(obj, "load_epoch_state") and not isinstance(obj, nn.Module)
+        ]
 
     def warnings(self) -> list[str]:
         """Things about the epoch just trained that the user should look at (a loss that

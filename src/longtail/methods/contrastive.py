@@ -9,7 +9,7 @@ trained with cross-entropy (the hybrid paper's CE-CE ablation).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, Field
@@ -87,6 +87,19 @@ class EmbeddingHealth:
         self._cos = cos if self._cos is None else self._cos + cos
         self._dev = dev if self._dev is None else torch.maximum(self._dev, dev)
         self._last, self._steps, self.chance = z, self._steps + 1, chance
+
+    def epoch_state(self) -> dict[str, Any]:
+        """The epoch's statistics so far (for a checkpoint written mid-epoch)."""
+
+        def value(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        return {"cos": value(self._cos), "dev": value(self._dev), "last": value(self._last),
+                "steps": self._steps, "chance": self.chance}  # fmt: skip
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        self._cos, self._dev, self._last = state["cos"], state["dev"], state["last"]
+        self._steps, self.chance = state["steps"], state["chance"]
 
     def scalars(self) -> dict[str, float]:
         """``z_cos``: mean pairwise cosine of z over the epoch (1 = collapsed); ``z_rank``: the

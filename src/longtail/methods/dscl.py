@@ -103,7 +103,7 @@ class DSCL(Method):
         self.register_buffer("queue_labels", torch.full((k,), EMPTY, dtype=torch.long))
         self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
         self._pending: tuple[Tensor, Tensor] | None = None
-        self._epoch, self._step = 0, 0  # where the PBSD boxes are drawn from
+        self._epoch = 0  # with step_in_epoch: where the PBSD boxes are drawn from
         self.health = EmbeddingHealth()
 
     @property
@@ -132,7 +132,7 @@ class DSCL(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.health.reset()
-        self._epoch, self._step = epoch, 0
+        self._epoch = epoch
 
     # -- stage 1 ------------------------------------------------------------------------
     def boxes(self, n: int, height: int, width: int, device: torch.device) -> Tensor:
@@ -145,7 +145,8 @@ class DSCL(Method):
         resumed epoch draws them again.
         """
         o = self.opts
-        g = torch.Generator().manual_seed(item_seed(self.cfg.seed, self._epoch, self._step))
+        step = self.step_in_epoch + 1
+        g = torch.Generator().manual_seed(item_seed(self.cfg.seed, self._epoch, step))
         r = parallel.rank()
         draw = Draw(g, n * parallel.world_size(), slice(r * n, (r + 1) * n))
         area = height * width * draw.uniform(*o.patch_scale, o.patches).reshape(-1)
@@ -160,7 +161,6 @@ class DSCL(Method):
     def _feature_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         o = self.opts
         (x_q, x_k), y, _ = batches["views"]
-        self._step += 1
         fmap = self.backbone.forward_features(x_q)
         q = full_precision(self.head(self.backbone.forward_head(fmap)))
         with torch.no_grad():
