@@ -406,3 +406,23 @@ def test_evaluate_in_a_read_only_run_still_gives_its_result(trained, monkeypatch
     assert "top-1" in out
     assert err.startswith("warning: could not write") and "Read-only file system" in err
     assert err.count("\n") == 1
+
+
+def test_report_and_export_in_a_read_only_run_are_one_line(trained, monkeypatch, capsys):
+    import errno
+
+    from longtail import cli, deploy, reporting
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(reporting, "write_report", read_only)
+    monkeypatch.setattr(deploy.os, "replace", read_only)
+    for args in (["report", str(trained)], ["export", str(trained), "--format", "torchscript"]):
+        monkeypatch.setattr(sys, "argv", ["longtail", *args])
+        with pytest.raises(SystemExit) as done:
+            cli.main()
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and err.count("\n") == 1, err
+        assert "Read-only file system" in err and "Traceback" not in err
+    assert not list((trained / "export").glob(".*.tmp")) if (trained / "export").exists() else True

@@ -240,6 +240,7 @@ def test_no_space_stops_before_training(tiny_fmnist, tmp_path, monkeypatch):
     with pytest.raises(LongtailError, match="not enough free space for checkpoints"):
         api.train(config_from_dict(tiny_config(tiny_fmnist)), tmp_path / "run", progress=False)
     assert calls == []  # not one epoch started
+    assert not (tmp_path / "run").exists()  # and nothing left behind
     monkeypatch.undo()
     api.train(config_from_dict(tiny_config(tiny_fmnist)), tmp_path / "run", progress=False)
 
