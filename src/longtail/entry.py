@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 
+try:
+    from longtail.cli import main as _command_line
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
 
 def main() -> None:
-    """Import the command line and run it."""
-    try:
-        from longtail.cli import main as run
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    run()
+    """Run the command line."""
+    _command_line()

@@ -139,7 +139,7 @@ class NonFiniteGuard:
                 i = int(bad[0])
                 raise LongtailError(
                     f"loss term {names[i]!r} became {float(values[i])} at epoch {epoch + 1} "
-                    f"step {step + 1}; training stopped and the last checkpoint is kept; lower "
+                    f"step {step + 1}; training stopped, its last checkpoint (if any) kept; lower "
                     "optim.lr or check the data"
                 )
         raise LongtailError(
