@@ -304,13 +304,14 @@ def _bcl_loaders(m):
 def _dscl_prepare(m) -> None:
     """Fill half the queue with labelled unit keys, so the step's loss reads queued keys and
     empty slots alike, and the FIFO pointer starts away from slot 0."""
-    size, dim = m.queue.shape
+    queue = m.queue
+    size, dim = queue.keys.shape
     gen = torch.Generator().manual_seed(11)
     filled = size // 2
     with torch.no_grad():
-        m.queue[:filled] = unit(torch.randn(filled, dim, generator=gen, dtype=m.queue.dtype))
-        m.queue_labels[:filled] = torch.arange(filled) % 10
-        m.queue_next.fill_(filled)
+        queue.keys[:filled] = unit(torch.randn(filled, dim, generator=gen, dtype=queue.keys.dtype))
+        queue.labels[:filled] = torch.arange(filled) % 10
+        queue.next.fill_(filled)
 
 
 def _pbsd_term(m, x_q: Tensor, k: Tensor) -> Tensor:
@@ -329,7 +330,7 @@ def _pbsd_term(m, x_q: Tensor, k: Tensor) -> Tensor:
     teacher = embed(m.head, pooled).view(n, o.patches, -1)
     crops = roi_align(x_q, torch.cat([owner, boxes], 1), o.patch_size, 1.0, aligned=True)
     student = embed(m.head, m.backbone(crops)).view(n, o.patches, -1)
-    return pbsd_loop(student, teacher, k, m.queue, m.queue_labels, o.temperature)
+    return pbsd_loop(student, teacher, k, m.queue.keys, m.queue.labels, o.temperature)
 
 
 def _dscl_step(m, data, batches, epoch):
@@ -340,7 +341,8 @@ def _dscl_step(m, data, batches, epoch):
     q = embed(m.head, m.backbone(x_q))
     k = embed(m.key_head, m.key_backbone(x_k))
     alpha = 1 / (1 + o.beta)
-    dscl = dscl_loop(q, k, y.tolist(), m.queue, m.queue_labels.tolist(), alpha, o.temperature)
+    queue, queue_labels = m.queue.keys, m.queue.labels.tolist()
+    dscl = dscl_loop(q, k, y.tolist(), queue, queue_labels, alpha, o.temperature)
     terms = {"dscl": dscl, "loss": dscl}
     if o.pbsd_weight > 0:
         terms["pbsd"] = _pbsd_term(m, x_q, k)
@@ -355,14 +357,14 @@ def _dscl_step(m, data, batches, epoch):
             for name, _ in getattr(m, query_part).named_parameters():
                 old = before[f"{key_part}.{name}"]
                 out[f"{key_part}.{name}"] = mom * old + (1 - mom) * stepped[f"{query_part}.{name}"]
-        queue, queue_labels = before["queue"].clone(), before["queue_labels"].clone()
-        size, start = len(queue), int(before["queue_next"])
+        queue, queue_labels = before["queue.keys"].clone(), before["queue.labels"].clone()
+        size, start = len(queue), int(before["queue.next"])
         if size:
             for i in range(max(0, len(keys) - size), len(keys)):
                 slot = (start + i - max(0, len(keys) - size)) % size
                 queue[slot], queue_labels[slot] = keys[i], labels[i]
-            out["queue_next"] = torch.tensor((start + min(len(keys), size)) % size)
-        out["queue"], out["queue_labels"] = queue, queue_labels
+            out["queue.next"] = torch.tensor((start + min(len(keys), size)) % size)
+        out["queue.keys"], out["queue.labels"] = queue, queue_labels
         return out
 
     return terms, state_after

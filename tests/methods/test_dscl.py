@@ -13,6 +13,7 @@ from longtail.build import build_data, build_method, validate
 from longtail.config import config_from_dict
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.errors import UsageError
+from longtail.models import LabelledQueue
 
 
 def _dscl(tiny_fmnist, **method):
@@ -50,20 +51,22 @@ def test_key_encoder_is_a_momentum_copy(tiny_fmnist):
     assert trainable == {"backbone", "head"}  # the classifier waits for its stage
 
 
-def test_queue_is_fifo_with_labels_and_wraps_around(tiny_fmnist):
+def test_the_method_keeps_a_labelled_queue_of_queue_size(tiny_fmnist):
     method = _dscl(tiny_fmnist, queue_size=5)
-    assert method.queue_labels.tolist() == [-1] * 5  # empty slots, not random keys
-    keys = torch.arange(1.0, 9.0)[:, None].expand(8, method.queue.shape[1])
-    method.enqueue(keys[:3], torch.tensor([0, 1, 2]))
-    assert method.queue_labels.tolist() == [0, 1, 2, -1, -1]
-    method.enqueue(keys[3:7], torch.tensor([3, 4, 5, 6]))
-    assert method.queue[:, 0].tolist() == [6.0, 7.0, 3.0, 4.0, 5.0]
-    assert method.queue_labels.tolist() == [5, 6, 2, 3, 4]  # labels stay with their keys
-    assert int(method.queue_next) == 2
-    method.enqueue(keys[:7], torch.arange(7))  # more keys than slots: the newest 5 stay
-    assert sorted(method.queue[:, 0].tolist()) == [3.0, 4.0, 5.0, 6.0, 7.0]
-    pairs = dict(zip(method.queue_labels.tolist(), method.queue[:, 0].tolist(), strict=True))
-    assert pairs == {2: 3.0, 3: 4.0, 4: 5.0, 5: 6.0, 6: 7.0}
+    assert isinstance(method.queue, LabelledQueue) and len(method.queue) == 5
+    assert method.queue.labels.tolist() == [-1] * 5  # empty slots, not random keys
+
+
+def test_checkpoints_from_before_the_queue_module_still_load(tiny_fmnist):
+    method = _dscl(tiny_fmnist, queue_size=5)
+    method.queue.push(torch.ones(2, method.queue.keys.shape[1]), torch.tensor([3, 4]))
+    state = method.state_dict()
+    old = {k.replace("queue.keys", "queue").replace("queue.labels", "queue_labels")
+           .replace("queue.next", "queue_next"): v for k, v in state.items()}  # fmt: skip
+    fresh = _dscl(tiny_fmnist, queue_size=5)
+    fresh.load_state_dict(old)
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_a_step_queues_its_keys_after_the_loss(tiny_fmnist):
@@ -71,9 +74,9 @@ def test_a_step_queues_its_keys_after_the_loss(tiny_fmnist):
     method.on_stage_start(method.stages()[0])
     terms = method.training_step(_batch(), 0)
     assert set(terms) == {"loss", "dscl", "pbsd"}
-    assert (method.queue_labels == -1).all()  # the loss saw an empty queue
+    assert (method.queue.labels == -1).all()  # the loss saw an empty queue
     method.after_optimizer_step()
-    assert method.queue_labels.tolist()[:4] == [0, 1, 1, 2]
+    assert method.queue.labels.tolist()[:4] == [0, 1, 1, 2]
 
 
 def test_pbsd_gradient_reaches_only_the_student_path(tiny_fmnist):
@@ -82,9 +85,9 @@ def test_pbsd_gradient_reaches_only_the_student_path(tiny_fmnist):
     (x_q, _), _, _ = _batch()["views"]
     fmap = method.backbone.forward_features(x_q)
     fmap.retain_grad()
-    k = torch.nn.functional.normalize(torch.randn(4, method.queue.shape[1]), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(4, method.queue.keys.shape[1]), dim=1)
     # with an empty queue each patch scores one key only and PBSD is 0: fill it first
-    method.enqueue(
+    method.queue.push(
         torch.nn.functional.normalize(torch.randn(12, k.shape[1]), dim=1), torch.arange(12) % 3
     )
     method._pbsd(x_q, fmap, k).backward()

@@ -16,8 +16,8 @@ frozen too), class-balanced sampling.
 
 from __future__ import annotations
 
-import copy
 import math
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -31,7 +31,6 @@ from longtail.data import RunData
 from longtail.data.batch_augment import Draw
 from longtail.data.dataset import item_seed
 from longtail.losses import decoupled_contrastive_loss, pbsd_loss
-from longtail.losses.decoupled import EMPTY
 from longtail.methods.base import (
     Batches,
     Method,
@@ -47,7 +46,7 @@ from longtail.methods.decoupled import (
     decoupled_stages,
     standardised_classifier,
 )
-from longtail.models import ProjectionMLP
+from longtail.models import LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
 
 PAPER = "Xuan & Zhang, Decoupled Contrastive Learning for Long-Tailed Recognition, AAAI 2024"
 
@@ -96,12 +95,9 @@ class DSCL(Method):
         m, dim = self.cfg.model, self.backbone.feature_dim
         self.head = ProjectionMLP(dim, m.projection_hidden, m.projection_dim, m.projection_bn)
         # The key encoder: a momentum copy of the query encoder, never trained by gradients.
-        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_head = copy.deepcopy(self.head).requires_grad_(False)
-        k = self.opts.queue_size
-        self.register_buffer("queue", torch.zeros(k, m.projection_dim))
-        self.register_buffer("queue_labels", torch.full((k,), EMPTY, dtype=torch.long))
-        self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_head = momentum_copy(self.head)
+        self.queue = LabelledQueue(self.opts.queue_size, m.projection_dim)
         self._pending: tuple[Tensor, Tensor] | None = None
         self._epoch = 0  # with step_in_epoch: where the PBSD boxes are drawn from
         self.health = EmbeddingHealth()
@@ -168,11 +164,12 @@ class DSCL(Method):
         # The global batch on every process; the same keys join every process's queue.
         q_all, k_all = parallel.gather(q), parallel.gather_detached(k)
         y_all = parallel.gather_detached(y)
+        queue = self.queue
         dscl = decoupled_contrastive_loss(
-            q_all, k_all, y_all, self.queue, self.queue_labels, self.alpha, o.temperature
+            q_all, k_all, y_all, queue.keys, queue.labels, self.alpha, o.temperature
         )
         self._pending = (k_all, y_all)
-        chance = math.log(2 * len(q_all) - 1 + int((self.queue_labels >= 0).sum()))
+        chance = math.log(2 * len(q_all) - 1 + queue.filled())
         self.health.add(q_all, dscl, chance)
         terms = {"dscl": dscl}
         loss = dscl
@@ -210,8 +207,8 @@ class DSCL(Method):
             student.view(shape),
             teacher.view(shape),
             k,
-            self.queue,
-            self.queue_labels,
+            self.queue.keys,
+            self.queue.labels,
             o.temperature,
         )
 
@@ -220,30 +217,24 @@ class DSCL(Method):
         if self._pending is None:  # the classifier stage has no keys
             return
         m = self.opts.momentum
-        with torch.no_grad():
-            for key, query in ((self.key_backbone, self.backbone), (self.key_head, self.head)):
-                for pk, pq in zip(key.parameters(), query.parameters(), strict=True):
-                    pk.mul_(m).add_(pq.detach(), alpha=1 - m)
-            self.enqueue(*self._pending)
+        momentum_update(self.key_backbone, self.backbone, m)
+        momentum_update(self.key_head, self.head, m)
+        self.queue.push(*self._pending)
         self._pending = None
 
-    @torch.no_grad()
-    def enqueue(self, keys: Tensor, labels: Tensor) -> None:
-        """FIFO: write the keys (with their labels) over the oldest slots, wrapping around."""
-        size = self.queue.shape[0]
-        if size == 0:
-            return
-        keys, labels = keys[-size:], labels[-size:]
-        slots = (self.queue_next + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[slots] = keys.to(self.queue.dtype)
-        self.queue_labels[slots] = labels.long()
-        self.queue_next.copy_((self.queue_next + len(keys)) % size)
+    def _load_from_state_dict(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints from before LabelledQueue kept the queue as three buffers of the method.
+        for old, new in (("queue", "queue.keys"), ("queue_labels", "queue.labels"),
+                         ("queue_next", "queue.next")):  # fmt: skip
+            if prefix + old in state and prefix + new not in state:
+                state[prefix + new] = state.pop(prefix + old)
+        super()._load_from_state_dict(state, prefix, *args)
 
     def scalars(self) -> dict[str, float]:
         health = self.health.scalars()
         if not health:  # the classifier stage
             return {}
-        return {**health, "queue_filled": int((self.queue_labels != EMPTY).sum())}
+        return {**health, "queue_filled": self.queue.filled()}
 
     def warnings(self) -> list[str]:
         found = self.health.warning("DSCL", "add warm-up (optim.warmup_epochs) or lower optim.lr")

@@ -1,6 +1,7 @@
 """Backbones (feature extractors) and heads (classifiers, projection, prototypes)."""
 
 from longtail.models.backbones import BACKBONES, ConvNetTiny, TorchvisionResNet, build_backbone
+from longtail.models.ema import EMPTY, LabelledQueue, momentum_copy, momentum_update
 from longtail.models.heads import (
     CLASSIFIERS,
     CosineClassifier,
@@ -16,6 +17,8 @@ __all__ = [
     "CLASSIFIERS",
     "ConvNetTiny",
     "CosineClassifier",
+    "EMPTY",
+    "LabelledQueue",
     "LinearClassifier",
     "ProjectionMLP",
     "PrototypeBank",
@@ -23,4 +26,6 @@ __all__ = [
     "TorchvisionResNet",
     "build_backbone",
     "build_classifier",
+    "momentum_copy",
+    "momentum_update",
 ]
