@@ -25,6 +25,7 @@ from pathlib import Path
 from provenance import commit, hardware, imbalance_ratio
 
 from longtail.api import train
+from longtail.build import scale_epochs
 from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
 from longtail.methods import METHODS
 
@@ -104,32 +105,20 @@ ENTRIES: dict[str, tuple] = {
 def budget_config(
     recipe: Path, method: dict, epochs: int, batch_size: int | None, extra: dict
 ) -> dict:
-    """The recipe shortened to ``epochs`` with its schedule scaled proportionally."""
+    """The recipe with another method's options, shortened to ``epochs`` with its schedule
+    scaled proportionally (the library's ``scale_epochs``, what ``--epochs`` does), lr scaled
+    linearly to ``batch_size``."""
     cfg = load_config(recipe).model_dump(mode="json")
-    full = cfg["train"]["epochs"]
-    scale = epochs / full
-    optim = cfg["optim"]
-    optim["milestones"] = sorted({max(1, round(m * scale)) for m in optim["milestones"]})
-    optim["warmup_epochs"] = optim["warmup_epochs"] * scale
     if batch_size is not None:
-        optim["lr"] = optim["lr"] * batch_size / cfg["train"]["batch_size"]
+        cfg["optim"]["lr"] = cfg["optim"]["lr"] * batch_size / cfg["train"]["batch_size"]
         cfg["train"]["batch_size"] = batch_size
-    cfg["train"]["epochs"] = epochs
     # Another method on the same recipe keeps only the recipe's options it has.
     name = method.get("name", cfg["method"]["name"])
     fields = METHODS.get(name).Options.model_fields
     cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
     cfg["method"].update(method, name=name)
-    defaults = METHODS.meta(name)["defaults"]
-    for key in ("reweight_epoch", "resample_epoch"):  # DRW / DRS switch at the same share
-        at = cfg["method"].get(key, defaults.get(key))
-        if at:
-            cfg["method"][key] = max(1, round(at * scale))
-    if "classifier_epochs" in fields:
-        # the classifier stage keeps its share of the budget, at least one epoch
-        stage = cfg["method"].get("classifier_epochs", fields["classifier_epochs"].default)
-        cfg["method"]["classifier_epochs"] = max(1, round(stage * scale))
-    return deep_merge(cfg, extra)
+    scaled, _ = scale_epochs(config_from_dict(cfg), epochs)
+    return deep_merge(scaled.model_dump(mode="json"), extra)
 
 
 def main() -> None:

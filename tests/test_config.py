@@ -1,6 +1,8 @@
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from longtail.build import validate
 from longtail.config import Config, load_config, parse_overrides
@@ -90,3 +92,51 @@ def test_missing_or_broken_config_file(tmp_path):
 def test_defaults_are_valid():
     assert Config().method_name == "ce"
     assert validate(Config()).method == {"name": "ce"}
+
+
+# --- a recipe's schedule scaled to a shorter run (--epochs) ----------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_scale_epochs_moves_the_whole_schedule_with_the_run():
+    from longtail.build import scale_epochs, schedule_warnings
+    from longtail.config import load_config
+
+    cfg = load_config(REPO / "configs/fashion-mnist/ce-drw-r100.yaml")
+    assert (cfg.train.epochs, cfg.optim.milestones) == (200, [160, 180])
+    short, changed = scale_epochs(cfg, 10)
+    assert short.train.epochs == 10 and short.optim.milestones == [8, 9]
+    assert short.optim.warmup_epochs == cfg.optim.warmup_epochs * 10 / 200
+    assert short.method["reweight_epoch"] == 8  # DRW switches at 160 of 200: at 8 of 10
+    assert "optim.milestones: [160, 180] -> [8, 9]" in changed
+    assert "method.reweight_epoch: 160 -> 8" in changed
+    assert schedule_warnings(short) == []
+    # Shortened with train.epochs alone, the lr never decays and DRW never switches: said.
+    cut = load_config(REPO / "configs/fashion-mnist/ce-drw-r100.yaml", ["train.epochs=10"])
+    warnings = schedule_warnings(cut)
+    assert "optim.milestones [160, 180] lie past the last epoch (10)" in warnings[0]
+    assert "method.reweight_epoch=160 lies past the last epoch (10)" in warnings[1]
+    assert warnings[1].endswith("give --epochs 10 instead of train.epochs to scale the "
+                                "recipe's schedule")  # fmt: skip
+    two = load_config(REPO / "configs/fashion-mnist/crt-r100.yaml")
+    scaled, _ = scale_epochs(two, two.train.epochs // 10)
+    assert scaled.method["classifier_epochs"] == max(1, round(two.method["classifier_epochs"] / 10))
+
+
+def test_epochs_flag_trains_the_scaled_recipe(tiny_fmnist, tmp_path, monkeypatch, capsys):
+    from longtail import cli
+
+    args = ["longtail", "train", "--config", str(REPO / "configs/fashion-mnist/ce-drw-r100.yaml"),
+            "--epochs", "2", "--set", f"data.root={tiny_fmnist}", "--set", "data.ratio=4",
+            "--set", "model.backbone=convnet-tiny", "--set", "train.batch_size=16",
+            "--set", "train.device=cpu", "--set", "train.report=false", "--no-progress",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    cli.main()
+    out, err = capsys.readouterr()
+    assert out.startswith("schedule scaled from 200 to 2 epochs: ")
+    # Inside the run, so that they happen: the lr decays, DRW switches, at the second epoch.
+    assert "method.reweight_epoch: 160 -> 1" in out and "warning" not in err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["optim"]["milestones"] == [1]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from longtail import jsonio
-from longtail.build import build_data, build_method, config_key, validate
+from longtail.build import build_data, build_method, config_key, schedule_warnings, validate
 from longtail.config import Config, dump_config
 from longtail.data import RunData
 from longtail.engine import distributed
@@ -217,7 +217,8 @@ def _train_in(
                 atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
             for line in summary_lines(summary):
                 print(line)
-            for warning in (subsampling_warning(cfg, data), skipped_links_warning(cfg, data)):
+            warnings = [subsampling_warning(cfg, data), skipped_links_warning(cfg, data)]
+            for warning in [*warnings, *schedule_warnings(cfg)]:
                 if warning and not resume:
                     print(f"warning: {warning}", file=sys.stderr)
         distributed.barrier()  # the run directory is ready for every process

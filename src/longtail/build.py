@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from longtail.config import Config, format_validation_error
+from longtail.config import Config, config_from_dict, format_validation_error
 from longtail.data import DATASETS, SAMPLERS, SPLITS, TRANSFORMS, RunData
 from longtail.errors import UsageError
 from longtail.methods import METHODS, Method, MethodOptions
@@ -119,3 +119,72 @@ def build_method(cfg: Config, data: RunData, device: torch.device | None = None)
         if cfg.train.channels_last:
             method = method.to(memory_format=torch.channels_last)
     return method
+
+
+# Method options that are epochs of the run: they move with its length.
+EPOCH_OPTIONS = ("reweight_epoch", "resample_epoch", "classifier_epochs")
+
+
+def scale_epochs(cfg: Config, epochs: int) -> tuple[Config, list[str]]:
+    """``cfg`` shortened (or lengthened) to ``epochs`` with its whole schedule in proportion:
+    lr milestones and warm-up, the switch epochs of deferred re-weighting / re-sampling, and
+    the length (and milestones) of a classifier stage, each rounded to whole epochs and kept
+    at least 1 and at most the last epoch. A 200-epoch recipe run for 12 otherwise never
+    decays its lr (milestones at 160 and 180) and never switches.
+
+    Returns:
+        The scaled, validated config and one line per setting that changed.
+    """
+    if epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    cfg = validate(cfg)
+    full = cfg.train.epochs
+    scale = epochs / full
+
+    def at(value: float) -> int:  # an epoch inside the run, so that it takes effect
+        return min(max(1, round(value * scale)), max(1, epochs - 1))
+
+    raw = cfg.model_dump(mode="json")
+    optim, method = raw["optim"], raw["method"]
+    optim["milestones"] = sorted({at(m) for m in optim["milestones"]})
+    optim["warmup_epochs"] = optim["warmup_epochs"] * scale
+    raw["train"]["epochs"] = epochs
+    for key in EPOCH_OPTIONS:
+        if method.get(key):
+            method[key] = at(method[key])
+    if method.get("classifier_milestones"):
+        method["classifier_milestones"] = sorted({at(m) for m in method["classifier_milestones"]})
+    new = validate(config_from_dict(raw))
+    changed = [
+        f"{key}: {a} -> {b}"
+        for key, a, b in _settings_changed(cfg.model_dump(mode="json"), new.model_dump(mode="json"))
+    ]
+    return new, changed
+
+
+def _settings_changed(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in a.keys() | b.keys():
+            out += _settings_changed(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return sorted(out)
+    return [] if a == b else [(prefix, a, b)]
+
+
+def schedule_warnings(cfg: Config) -> list[str]:
+    """Settings of ``cfg`` in epochs that lie past its last epoch, so never take effect."""
+    epochs, out = cfg.train.epochs, []
+    late = [m for m in cfg.optim.milestones if m >= epochs]
+    if late and cfg.optim.schedule == "multistep":
+        out.append(f"optim.milestones {late} lie past the last epoch ({epochs}): that lr decay "
+                   "never happens")  # fmt: skip
+    for key in ("reweight_epoch", "resample_epoch"):
+        value = cfg.method_options.get(key)
+        if value and value >= epochs:
+            out.append(f"method.{key}={value} lies past the last epoch ({epochs}): that switch "
+                       "never happens")  # fmt: skip
+    if out:
+        out[-1] += (
+            f"; give --epochs {epochs} instead of train.epochs to scale the recipe's schedule"
+        )
+    return out

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from longtail import jsonio
 from longtail.api import evaluate_run
 from longtail.api import train as run_training
-from longtail.build import build_data
+from longtail.build import build_data, scale_epochs
 from longtail.config import Config, DataConfig, format_validation_error, load_config
 from longtail.data import (
     DATASETS,
@@ -87,6 +87,13 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="continue the run in --out from its checkpoint")
     ] = False,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="train this many epochs with the recipe's schedule scaled to them (lr "
+            "milestones, warm-up, DRW/DRS switches, classifier stage)"
+        ),
+    ] = None,
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="default: on a terminal")
     ] = None,
@@ -99,7 +106,14 @@ def train(
             "--resume continues the run with its own config.yaml; leave out --config (extend "
             "the run with --set train.epochs=N)"
         )
+    if resume and epochs is not None:
+        raise UsageError("--epochs scales a new run's recipe; extend a run with --resume "
+                         "--set train.epochs=N")  # fmt: skip
     cfg = None if resume else load_config(config, overrides or [])
+    if cfg is not None and epochs is not None:
+        full = cfg.train.epochs
+        cfg, changed = scale_epochs(cfg, epochs)
+        print(f"schedule scaled from {full} to {epochs} epochs: {'; '.join(changed) or 'as is'}")
     if cfg is not None:
         out = out or _default_out(cfg.name)
     assert out is not None
