@@ -364,7 +364,7 @@ def evaluate_run(
         epoch = ckpt["epoch"] + 1
     else:
         epoch = sum(s.epochs for s in method.stages())
-    res, _, _ = evaluate(method, data, split, device, cfg.train)
+    res = evaluate(method, data, split, device, cfg.train)
     res = {"split": split, "checkpoint": checkpoint, "epoch": epoch, **res}
     res["classes"] = data.classes
     res["train_counts"] = data.counts.tolist()

@@ -9,15 +9,6 @@ CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, 
 TORCHVISION = {"resnet18": 512, "resnet50": 2048, "resnext50_32x4d": 2048}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # On a small shared CPU, intra-op threads mostly spin against each other: 1 is ~10x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _input_size(model: nn.Module) -> int:
     # The ImageNet stem downsamples 32x; 64x64 keeps a 2x2 map before pooling.
     return 64 if isinstance(model, torchvision.models.ResNet) else 28

@@ -5,15 +5,6 @@ from torch import nn
 from longtail.models.resnet_cifar import BasicBlock, ResNetCifar, ShortcutA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # On a small shared CPU, intra-op threads mostly spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expected_param_count(depth: int, in_channels: int = 3, widths=(16, 32, 64)) -> int:
     """3x3 convs without bias, two BN params per channel, option-A shortcuts free."""
     n = (depth - 2) // 6

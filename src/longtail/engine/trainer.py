@@ -307,8 +307,8 @@ def evaluate(
     device: torch.device,
     train_cfg: TrainConfig,
     batch_size: int = 256,
-) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Metrics, logits and labels of ``split`` with the run's test transform and memory format."""
+) -> dict[str, Any]:
+    """Metrics of ``split`` with the run's test transform and memory format."""
     loader = data.eval_loader(split, batch_size, train_cfg.test_transform)
     logits, labels = predict_loader(method, loader, device, train_cfg.channels_last)
     bad = int((~torch.isfinite(logits)).any(dim=1).sum())
@@ -318,7 +318,7 @@ def evaluate(
             "images: training diverged; lower optim.lr (or add optim.warmup_epochs) and train "
             "again"
         )
-    return evaluate_logits(logits, labels, data.counts.tolist()), logits, labels
+    return evaluate_logits(logits, labels, data.counts.tolist())
 
 
 class Diverged(LongtailError):
@@ -361,7 +361,7 @@ def _evaluate_epoch(
 ) -> dict[str, Any]:
     """:func:`evaluate` during training: a divergence names its epoch."""
     try:
-        return evaluate(method, data, split, device, train_cfg)[0]
+        return evaluate(method, data, split, device, train_cfg)
     except Diverged as e:
         raise Diverged(
             f"epoch {epoch + 1}: {e.template}; the last checkpoint (epoch {epoch}) is kept"

@@ -134,10 +134,7 @@ def logit_adjusted_loss(
     _check(logits, labels)
     with _full_precision(logits.device):
         logits = _upcast(logits)
-        return weighted_cross_entropy(logits + tau * log_prior.to(logits), labels, weight)
-
-
-def balanced_softmax_loss(logits: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
-    """Balanced softmax (Ren et al. 2020): CE of ``logits + log n_c``; equal to the logit-
-    adjusted loss with tau = 1 (log n_c and log pi differ by a constant)."""
-    return logit_adjusted_loss(logits, labels, torch.log(counts.to(torch.float64)), 1.0)
+        adjusted = logits + tau * log_prior.to(logits)
+        if weight is None:
+            return F.cross_entropy(adjusted, labels.long())
+        return weighted_cross_entropy(adjusted, labels, weight)

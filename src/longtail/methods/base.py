@@ -92,9 +92,6 @@ class Method(nn.Module):
     """
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    #: Whether a step may leave trainable parameters without a gradient (distributed training
-    #: must then look for them every step).
-    skips_parameters: ClassVar[bool] = False
     #: The classifier (and its options) when the config's ``model.classifier`` is not set.
     default_classifier: ClassVar[tuple[str, dict[str, Any]]] = ("linear", {})
 

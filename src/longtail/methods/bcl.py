@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -25,6 +24,7 @@ from longtail import parallel
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.losses import balanced_contrastive_loss
+from longtail.losses.classification import logit_adjusted_loss
 from longtail.methods.base import (
     Batches,
     Method,
@@ -105,7 +105,7 @@ class BCL(Method):
         views, y, _ = batches["views"]
         h_cls, *h_con = self.forward_views(list(views))
         logits = self.classifier(h_cls)
-        ce = F.cross_entropy(full_precision(logits) + o.logit_adjust_tau * self.log_prior, y)
+        ce = logit_adjusted_loss(full_precision(logits), y, self.log_prior, o.logit_adjust_tau)
         # in-batch: every process sees the global batch (view 1s, then view 2s, by process)
         z = parallel.gather(full_precision(self.projector(torch.cat(h_con))))
         labels = parallel.gather_detached(y.repeat(len(h_con)))

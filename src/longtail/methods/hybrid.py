@@ -55,7 +55,6 @@ class Hybrid(Method):
 
     Options = HybridOptions
     opts: HybridOptions
-    skips_parameters = True  # a branch at weight 0 is not computed
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier
