@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -188,3 +189,58 @@ def test_images_per_s_counts_only_forwarded_branches(tiny_fmnist, tmp_path):
     first, last = _read_metrics(tmp_path / "run")
     images = [r["images_per_s"] * r["epoch_time_s"] for r in (first, last)]
     assert images[0] == pytest.approx(3 * images[1], rel=1e-6)
+
+
+# --- optimizer and parameter groups ---------------------------------------------------------------
+
+
+def _optimizer(tiny_fmnist, method: str = "hybrid-psc", **optim):
+    raw = tiny_config(tiny_fmnist, method={"name": method}, optim=optim)
+    cfg = validate(config_from_dict(raw))
+    torch.manual_seed(0)
+    m = build_method(cfg, build_data(cfg))
+    return m, trainer.build_optimizer(m, cfg.optim)
+
+
+def test_the_default_optimizer_is_one_sgd_group_of_every_trainable_parameter(tiny_fmnist):
+    method, opt = _optimizer(tiny_fmnist)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert len(opt.param_groups[0]["params"]) == len(trainable)
+    assert all(a is b for a, b in zip(opt.param_groups[0]["params"], trainable, strict=True))
+    assert opt.param_groups[0]["weight_decay"] == 0.0  # tiny_config's weight decay
+
+
+def test_parameter_groups_lower_the_backbone_lr_and_exempt_norms_biases_and_prototypes(
+    tiny_fmnist,
+):
+    method, opt = _optimizer(
+        tiny_fmnist, weight_decay=5e-4, backbone_lr_scale=0.1, decay_exempt=True, lr=0.2
+    )
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in method.named_parameters():
+        g = by_param[id(p)]
+        assert g["lr_scale"] == (0.1 if name.startswith("backbone.") else 1.0), name
+        assert g["lr"] == pytest.approx(0.2 * g["lr_scale"])
+        free = p.ndim <= 1 or name.startswith("features.prototypes.")
+        assert g["weight_decay"] == (0.0 if free else 5e-4), name
+    assert any(n.startswith("features.prototypes.") for n, _ in method.named_parameters())
+
+
+def test_each_group_follows_the_schedule_times_its_scale(tiny_fmnist, tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append(sorted({(g["lr_scale"], g["lr"]) for g in self.param_groups}))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    optim = {"name": "adamw", "lr": 1e-3, "backbone_lr_scale": 0.1, "schedule": "cosine"}
+    raw = tiny_config(tiny_fmnist, train={"epochs": 2}, optim=optim)
+    res = api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert 0 <= res["top1"] <= 1 and seen  # AdamW trained the run to its end
+    steps = len(seen) // 2
+    for i, groups in enumerate(seen):
+        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * (i / steps) / 2))  # cosine over 2 epochs
+        assert groups == [(0.1, pytest.approx(0.1 * lr)), (1.0, pytest.approx(lr))], i

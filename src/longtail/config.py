@@ -88,12 +88,21 @@ class ModelConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """SGD and the learning-rate schedule (time in epochs, fractional inside an epoch)."""
+    """The optimizer, its parameter groups and the learning-rate schedule (time in epochs,
+    fractional inside an epoch). SGD with momentum is the papers' choice; AdamW is for
+    fine-tuning pretrained networks."""
 
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
-    momentum: float = Field(0.9, ge=0)
-    nesterov: bool = False
+    momentum: float = Field(0.9, ge=0)  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
     weight_decay: float = Field(2e-4, ge=0)
+    # Parameter groups: the backbone's lr as a multiple of lr (below 1 for a pretrained one),
+    # and no weight decay on biases, normalisation layers and the method's learnable centres
+    # or prototypes (timm's rule for fine-tuning; off reproduces the papers).
+    backbone_lr_scale: float = Field(1.0, ge=0)
+    decay_exempt: bool = False
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [160, 180])  # epochs
     gamma: float = 0.1  # multistep decay factor

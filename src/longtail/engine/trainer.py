@@ -61,9 +61,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD over the method's trainable parameters (frozen ones have requires_grad False)."""
+    """SGD or AdamW over the method's parameter groups (:meth:`Method.parameter_groups`);
+    each group's ``lr_scale`` multiplies the schedule's lr at every step."""
+    groups = [{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in method.parameter_groups(cfg)]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
-        [p for p in method.parameters() if p.requires_grad],
+        groups,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -202,7 +206,7 @@ def train_one_epoch(
             continue
         lr = lr_at(step / steps)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         batches = StepBatches(
             dict(zip(loaders, batch, strict=True)), device, train_cfg.channels_last
         )

@@ -32,9 +32,9 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from longtail.config import Config, reject_booleans_for_numbers
+from longtail.config import Config, OptimConfig, reject_booleans_for_numbers
 from longtail.data import RunData
-from longtail.models import build_backbone, build_classifier
+from longtail.models import PrototypeBank, build_backbone, build_classifier
 from longtail.registry import Registry
 
 Batches = Mapping[str, Any]
@@ -140,6 +140,37 @@ class Method(nn.Module):
         if stage.loaders is None:
             raise TypeError(f"{type(self).__name__} defines no loaders for stage {stage.name!r}")
         return stage.loaders(data)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that ``optim.decay_exempt`` frees from weight decay besides
+        biases and normalisation parameters: learnable class prototypes by default (a method
+        with other learnable centres adds them)."""
+        return {
+            f"{name}.{p}" if p else name
+            for name, module in self.named_modules()
+            if isinstance(module, PrototypeBank)
+            for p, _ in module.named_parameters()
+        }
+
+    def parameter_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        """The trainable parameters in optimizer groups, each ``{"params", "lr_scale",
+        "weight_decay"}``: the backbone at ``optim.backbone_lr_scale`` times the lr, and,
+        with ``optim.decay_exempt``, biases, normalisation parameters and
+        :meth:`no_weight_decay` without weight decay. With the defaults, one group of every
+        trainable parameter in module order (the papers' SGD)."""
+        exempt = self.no_weight_decay() if optim.decay_exempt else set()
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            scale = optim.backbone_lr_scale if name.startswith("backbone.") else 1.0
+            decay_free = optim.decay_exempt and (p.ndim <= 1 or name in exempt)
+            decay = 0.0 if decay_free else optim.weight_decay
+            groups.setdefault((scale, decay), []).append(p)
+        return [
+            {"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()
+        ]
 
     # -- training -----------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
