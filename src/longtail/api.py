@@ -126,26 +126,44 @@ def train(
     if main:
         run.check_path()
         run.check_not_in_use()
-    before: Config | None = None
+    cfg, before = _run_config(run, cfg, resume, changes, main)
+    device, data, method, plan = _set_up(cfg, resume)
+    created = run.missing_ancestor() if main and not resume else None
+    try:
+        return _train_in(run, cfg, method, data, device, plan, resume, progress, before)
+    except BaseException:
+        if main and not resume:  # a start that failed before its first checkpoint
+            run.undo_failed_start(created)  # leaves nothing behind
+        raise
+
+
+def _run_config(
+    run: RunDir, cfg: Config | None, resume: bool, changes: list[str] | None, main: bool
+) -> tuple[Config, Config | None]:
+    """The config to train (the run's own when resuming, with its allowed changes) and,
+    when a resume changes it, the config before."""
     if resume:
         if main:
             run.check_resumable()
-        cfg = read_run_config(run.path)
-        if changes:
-            before = cfg
-            cfg, _ = resume_config(cfg, changes)
-    elif cfg is None:
+        saved = read_run_config(run.path)
+        return (resume_config(saved, changes)[0], saved) if changes else (saved, None)
+    if cfg is None:
         raise UsageError("a new run needs a config (or resume=True to continue one)")
-    else:
-        cfg = validate(cfg)
-        if main:
-            run.check_new()
+    cfg = validate(cfg)
+    if main:
+        run.check_new()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.train.batch_size % world:  # before the processes wait for each other
         raise UsageError(
             f"config key 'train.batch_size': a global batch of {cfg.train.batch_size} does not "
             f"split over {world} processes; use a multiple of {world}"
         )
+    return cfg, None
+
+
+def _set_up(cfg: Config, resume: bool) -> tuple[torch.device, RunData, Method, list[dict]]:
+    """Device, data, method and the stages' plan: everything checked before the run
+    directory is touched."""
     distributed.setup(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -157,7 +175,7 @@ def train(
         )
     seed_everything(cfg.seed)
     data = build_data(cfg)
-    if main:
+    if distributed.is_main_from_env():
         data.check_files()  # every split: a corrupt test image is found now, not after training
     data.pin_memory, data.device = device.type == "cuda", device
     method = build_method(cfg, data, device)
@@ -173,14 +191,7 @@ def train(
     # all), stops the run before anything is written.
     with config_key("train.batch_size"):
         plan = run_plan(cfg, method, data)
-
-    created = run.missing_ancestor() if main and not resume else None
-    try:
-        return _train_in(run, cfg, method, data, device, plan, resume, progress, before)
-    except BaseException:
-        if main and not resume:  # a start that failed before its first checkpoint
-            run.undo_failed_start(created)  # leaves nothing behind
-        raise
+    return device, data, method, plan
 
 
 def _train_in(
@@ -198,48 +209,11 @@ def _train_in(
     the run's config before a resume's changes."""
     main = distributed.is_main()
     with run.locked() if main else contextlib.nullcontext():
-        if main and not resume:
-            run.check_new()  # again, now that no other process can start it meanwhile
-            if run.clear_failed_start():
-                print(
-                    f"{run.path} held a run that stopped before its first checkpoint; "
-                    "starting it again",
-                    file=sys.stderr,
-                )
+        summary = data_summary(cfg, data, plan)
         if main:
-            if resume:
-                run.remove_partial_writes()
-            copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
-            run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
-            summary = data_summary(cfg, data, plan)
-            if not resume:
-                atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-                atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
-            for line in summary_lines(summary):
-                print(line)
-            warnings = [subsampling_warning(cfg, data), skipped_links_warning(cfg, data)]
-            for warning in [*warnings, *schedule_warnings(cfg)]:
-                if warning and not resume:
-                    print(f"warning: {warning}", file=sys.stderr)
+            _start_run_dir(run, cfg, data, method, summary, resume)
         distributed.barrier()  # the run directory is ready for every process
-        ckpt = None
-        if resume:
-            ckpt = load_checkpoint(run.last, map_location=device)
-            extended = before is not None and before.train.epochs != cfg.train.epochs
-            if extended:
-                assert before is not None
-                check_extension(before, cfg, ckpt["epoch"] + 1)
-            check_checkpoint(ckpt, cfg, run.last, method, ("train.epochs",) if extended else ())
-            if before is not None and main:  # the run's files say what it now is
-                atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-                atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
-                if extended:
-                    assert before is not None
-                    print(
-                        f"extending the run from {before.train.epochs} to {cfg.train.epochs} "
-                        f"epochs: epochs {ckpt['epoch'] + 2}-{cfg.train.epochs} follow the "
-                        f"schedule of a {cfg.train.epochs}-epoch run"
-                    )
+        ckpt = _resume_from(run, cfg, method, device, summary, before) if resume else None
         fit(method, data, cfg, run.path, device, ckpt=ckpt, progress=progress)
         res = evaluate_run(run.path, cfg=cfg, method=method, data=data, device=device)
         if cfg.train.report:
@@ -253,3 +227,59 @@ def _train_in(
                     f"eval_test.json), but {e.template}"
                 ) from None
         return res
+
+
+def _start_run_dir(
+    run: RunDir, cfg: Config, data: RunData, method: Method, summary: dict, resume: bool
+) -> None:
+    """Rank 0, under the lock: room for checkpoints, config.yaml and data.json of a new
+    run, and what the run will do, said before its first epoch."""
+    if resume:
+        run.remove_partial_writes()
+    else:
+        run.check_new()  # again, now that no other process can start it meanwhile
+        if run.clear_failed_start():
+            print(
+                f"{run.path} held a run that stopped before its first checkpoint; "
+                "starting it again",
+                file=sys.stderr,
+            )
+    copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
+    run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
+    if not resume:
+        atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
+        atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
+    for line in summary_lines(summary):
+        print(line)
+    warnings = [subsampling_warning(cfg, data), skipped_links_warning(cfg, data)]
+    for warning in [*warnings, *schedule_warnings(cfg)]:
+        if warning and not resume:
+            print(f"warning: {warning}", file=sys.stderr)
+
+
+def _resume_from(
+    run: RunDir,
+    cfg: Config,
+    method: Method,
+    device: torch.device,
+    summary: dict,
+    before: Config | None,
+) -> dict[str, Any]:
+    """The run's last checkpoint, checked against the config and loaded into ``method``; a
+    resume that changed the config (an extension) rewrites config.yaml and data.json."""
+    ckpt = load_checkpoint(run.last, map_location=device)
+    extended = before is not None and before.train.epochs != cfg.train.epochs
+    if extended:
+        assert before is not None
+        check_extension(before, cfg, ckpt["epoch"] + 1)
+    check_checkpoint(ckpt, cfg, run.last, method, ("train.epochs",) if extended else ())
+    if before is not None and distributed.is_main():  # the run's files say what it now is
+        atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
+        atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
+        if extended:
+            print(
+                f"extending the run from {before.train.epochs} to {cfg.train.epochs} epochs: "
+                f"epochs {ckpt['epoch'] + 2}-{cfg.train.epochs} follow the schedule of a "
+                f"{cfg.train.epochs}-epoch run"
+            )
+    return ckpt

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,73 @@ class NonFiniteGuard:
         )
 
 
+@dataclass
+class Tally:
+    """What an epoch has summed so far: its loss terms, images read and steps skipped."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    images: int = 0
+    skipped: int = 0
+
+    @classmethod
+    def carried(cls, carry: dict[str, Any]) -> Tally:
+        """The tally a preempted epoch saved (:meth:`carry`)."""
+        sums = {k: torch.tensor(v) for k, v in carry.get("sums", {}).items()}
+        return cls(sums, carry.get("images", 0), carry.get("skipped", 0))
+
+    def carry(self, step: int, steps: int) -> dict[str, Any]:
+        """The epoch so far, to continue it after ``step`` steps of ``steps``."""
+        sums = {k: float(v) for k, v in self.sums.items()}
+        return {"step": step, "steps": steps, "sums": sums, "images": self.images,
+                "skipped": self.skipped}  # fmt: skip
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+
+    def record(self, steps: int, skip: bool, lr: float, elapsed: float) -> dict[str, Any]:
+        """The epoch's line: mean terms over its computed steps (over all processes)."""
+        done = steps - self.skipped
+        means = distributed.mean_over_processes({k: float(v) / done for k, v in self.sums.items()})
+        images = int(distributed.sum_over_processes({"images": self.images})["images"])
+        return {
+            "lr": lr,
+            **{f"train/{k}": v for k, v in means.items()},
+            "steps": steps,
+            **({"skipped_steps": self.skipped} if skip else {}),
+            "epoch_time_s": elapsed,
+            "images_per_s": images / max(elapsed, 1e-9),
+        }
+
+
+def _train_step(
+    method: Method,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: StepBatches,
+    epoch: int,
+    amp: Any,
+    skip: bool,
+) -> dict[str, Tensor] | None:
+    """Forward, backward, optimizer step and the method's after-step hook; None when the
+    terms were not finite and ``skip`` drops such steps (BatchNorm statistics restored)."""
+    saved = [b.detach().clone() for b in method.buffers()] if skip else []
+    with amp:
+        terms = model(batches, epoch)
+    if skip and distributed.any_process(
+        not all(bool(torch.isfinite(v.detach()).all()) for v in terms.values())
+    ):
+        with torch.no_grad():  # the forward pass moved BatchNorm statistics: undo that
+            for b, old in zip(method.buffers(), saved, strict=True):
+                b.copy_(old)
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    method.after_optimizer_step()
+    return terms
+
+
 def train_one_epoch(
     method: Method,
     model: nn.Module,
@@ -171,34 +239,26 @@ def train_one_epoch(
 
     Args:
         method: The method, on ``device``.
-        model: What computes the step: the method, or the method inside
-            DistributedDataParallel.
+        model: What computes the step: the method, or it inside DistributedDataParallel.
         loaders: The stage's named loaders, re-seeded here for ``epoch``.
-        optimizer: The stage's optimizer.
+        optimizer: The stage's optimizer; each group's lr is ``lr_at`` times its lr_scale.
         lr_at: Learning rate at a fraction of this epoch (0 at its first step).
         epoch: Global 0-based epoch.
         device: Training device.
         train_cfg: The config's ``train`` section.
         bar: Progress display.
         carry: A preempted epoch's state: its first ``step`` steps are skipped (their batches
-            drawn, not computed) and its sums continue.
+            drawn, not computed) and its tally continues.
         stop: Asked after every step whether to stop the epoch there (SIGTERM).
     """
     for loader in loaders.values():
         set_loader_epoch(loader, epoch)
     steps = min(len(loader) for loader in loaders.values())
     method.train()
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if train_cfg.amp and device.type == "cuda"
-        else nullcontext()
-    )
-    guard = NonFiniteGuard()
-    skip = train_cfg.nonfinite == "skip"
-    carry = carry or {}
-    sums: dict[str, Tensor] = {k: torch.tensor(v) for k, v in carry.get("sums", {}).items()}
-    first = carry.get("step", 0)
-    images, skipped = carry.get("images", 0), carry.get("skipped", 0)
+    use_amp = train_cfg.amp and device.type == "cuda"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+    guard, skip = NonFiniteGuard(), train_cfg.nonfinite == "skip"
+    tally, first = Tally.carried(carry or {}), (carry or {}).get("step", 0)
     lr, t0 = float("nan"), time.perf_counter()
     for step, batch in enumerate(zip(*loaders.values(), strict=False)):
         if step < first:  # done before the preemption: the batch is drawn, not computed
@@ -210,55 +270,29 @@ def train_one_epoch(
         batches = StepBatches(
             dict(zip(loaders, batch, strict=True)), device, train_cfg.channels_last
         )
-        saved = [b.detach().clone() for b in method.buffers()] if skip else []
         method.step_in_epoch = step
-        with amp:
-            terms = model(batches, epoch)
-        images += batches.images_read()
-        if skip and distributed.any_process(
-            not all(bool(torch.isfinite(v.detach()).all()) for v in terms.values())
-        ):
-            with torch.no_grad():  # the forward pass moved BatchNorm statistics: undo that
-                for b, old in zip(method.buffers(), saved, strict=True):
-                    b.copy_(old)
-            skipped += 1
+        terms = _train_step(method, model, optimizer, batches, epoch, amp, skip)
+        tally.images += batches.images_read()
+        if terms is None:
+            tally.skipped += 1
             bar.advance("skipped a non-finite step")
             continue
         guard.add(step, terms)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        method.after_optimizer_step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        if step % train_cfg.log_every == 0 or step == steps - 1:
+        tally.add(terms)
+        logged = step % train_cfg.log_every == 0 or step == steps - 1
+        if logged:
             guard.check(epoch)
-            bar.advance(f"loss {float(terms['loss'].detach()):.4f}")
-        else:
-            bar.advance("")
+        bar.advance(f"loss {float(terms['loss'].detach()):.4f}" if logged else "")
         if stop is not None and step < steps - 1 and stop():
             guard.check(epoch)
-            done = {k: float(v) for k, v in sums.items()}
-            return {"preempted": {"step": step + 1, "sums": done, "images": images,
-                                  "skipped": skipped, "steps": steps}}  # fmt: skip
+            return {"preempted": tally.carry(step + 1, steps)}
     guard.check(epoch)
-    if skipped == steps:
+    if tally.skipped == steps:
         raise LongtailError(
             f"every step of epoch {epoch + 1} had a non-finite loss and was skipped; training "
             "stopped and the last checkpoint is kept; lower optim.lr or check the data"
         )
-    elapsed = time.perf_counter() - t0
-    done = steps - skipped
-    means = distributed.mean_over_processes({k: float(v) / done for k, v in sums.items()})
-    images = int(distributed.sum_over_processes({"images": images})["images"])
-    return {
-        "lr": lr,
-        **{f"train/{k}": v for k, v in means.items()},
-        "steps": steps,
-        **({"skipped_steps": skipped} if skip else {}),
-        "epoch_time_s": elapsed,
-        "images_per_s": images / max(elapsed, 1e-9),
-    }
+    return tally.record(steps, skip, lr, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -417,134 +451,163 @@ def fit(
         cfg: The validated config.
         out: The run directory (exists; checkpoints and metrics go here).
         device: Training device.
-        ckpt: A checkpoint to continue from (its epoch is the last finished one).
+        ckpt: A checkpoint to continue from (its epoch is the last finished one; with
+            ``partial``, the epoch after it continues from where a SIGTERM stopped it).
         progress: Show a progress bar (default: when stderr is a terminal).
     """
-    stages = method.stages()
-    total_epochs = sum(s.epochs for s in stages)
-    start_epoch, best = 0, None
-    partial = None  # a checkpoint written mid-epoch, at a SIGTERM
-    if ckpt is not None:
-        _restore(method, ckpt)
-        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best")
-        partial = ckpt.get("partial")
+    Trainer(method, data, cfg, out, device, ckpt, progress).run()
 
-    main = distributed.is_main()  # only rank 0 writes, logs and prints
-    log = MetricsLog(out) if main else None
-    if log is not None and ckpt is not None:
-        log.repair(ckpt.get("record"), ckpt["epoch"] + 1)
-    bar = ProgressBar(progress if main else False, quiet=not main)
-    model: nn.Module = method
-    stage_idx, optimizer, loaders, optim_cfg = -1, None, {}, cfg.optim
-    with preemption() as stop, contextlib.ExitStack() as closing:
-        closing.callback(bar.close)
-        if log is not None:
-            closing.callback(log.close)
-        for epoch in range(start_epoch, total_epochs):
-            idx, stage, stage_epoch = locate_stage(stages, epoch)
-            if idx != stage_idx:
-                method.on_stage_start(stage)
-                resuming_here = ckpt is not None and ckpt["stage"] == idx
-                if resuming_here:  # undo what starting the stage re-initialised
-                    _restore(method, ckpt)
-                optim_cfg = cfg.optim.model_copy(update=dict(stage.optim))
-                optimizer = build_optimizer(method, optim_cfg)
-                if resuming_here:
-                    optimizer.load_state_dict(ckpt["optimizer"])
-                loaders = method.loaders(data, stage)
-                model = distributed.wrap(method, device)
-                stage_idx = idx
-            assert optimizer is not None
 
-            method.on_epoch_start(epoch)
-            carry = partial if epoch == start_epoch else None
-            if carry is not None:  # continue the epoch as it was when it stopped
-                method.load_epoch_state(carry["method"])
-                torch.set_rng_state(ckpt["torch_rng"].cpu())  # type: ignore[index]
-            bar.start_epoch(epoch + 1, total_epochs, min(len(x) for x in loaders.values()))
-            stats = train_one_epoch(
-                method,
-                model,
-                loaders,
-                optimizer,
-                lambda f, c=optim_cfg, e=stage_epoch, n=stage.epochs: learning_rate(c, e + f, n),
-                epoch,
-                device,
-                cfg.train,
-                bar,
-                carry,
-                stop,
+class Trainer:
+    """The loop of :func:`fit`: stages and epochs, each epoch trained, recorded, evaluated
+    where asked, checked and checkpointed; rank 0 alone writes."""
+
+    def __init__(
+        self,
+        method: Method,
+        data: RunData,
+        cfg: Config,
+        out: Path,
+        device: torch.device,
+        ckpt: dict[str, Any] | None,
+        progress: bool | None,
+    ) -> None:
+        self.method, self.data, self.cfg, self.out, self.device = method, data, cfg, out, device
+        self.ckpt = ckpt
+        self.stages = method.stages()
+        self.total = sum(s.epochs for s in self.stages)
+        self.start, self.best = 0, None
+        if ckpt is not None:
+            _restore(method, ckpt)
+            self.start, self.best = ckpt["epoch"] + 1, ckpt.get("best")
+        self.main = distributed.is_main()
+        self.log = MetricsLog(out) if self.main else None
+        if self.log is not None and ckpt is not None:
+            self.log.repair(ckpt.get("record"), ckpt["epoch"] + 1)
+        self.bar = ProgressBar(progress if self.main else False, quiet=not self.main)
+        self.stage_idx, self.optimizer, self.optim_cfg = -1, None, cfg.optim
+        self.loaders: dict[str, DataLoader] = {}
+        self.model: nn.Module = method
+
+    def run(self) -> None:
+        with preemption() as stop, contextlib.ExitStack() as closing:
+            closing.callback(self.bar.close)
+            if self.log is not None:
+                closing.callback(self.log.close)
+            for epoch in range(self.start, self.total):
+                idx, stage, stage_epoch = locate_stage(self.stages, epoch)
+                if idx != self.stage_idx:
+                    self.enter_stage(idx, stage)
+                stats = self.train_epoch(epoch, stage, stage_epoch, stop)
+                if "preempted" in stats:
+                    self.preempted(epoch, idx, stats["preempted"])
+                self.end_epoch(epoch, idx, stage, stats)
+
+    def enter_stage(self, idx: int, stage: Stage) -> None:
+        """The stage's start hook, optimizer and loaders (restored when resuming in it)."""
+        method, ckpt = self.method, self.ckpt
+        method.on_stage_start(stage)
+        resuming_here = ckpt is not None and ckpt["stage"] == idx
+        if resuming_here:  # undo what starting the stage re-initialised
+            _restore(method, ckpt)  # type: ignore[arg-type]
+        self.optim_cfg = self.cfg.optim.model_copy(update=dict(stage.optim))
+        self.optimizer = build_optimizer(method, self.optim_cfg)
+        if resuming_here:
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # type: ignore[index]
+        self.loaders = method.loaders(self.data, stage)
+        self.model = distributed.wrap(method, self.device)
+        self.stage_idx = idx
+
+    def train_epoch(
+        self, epoch: int, stage: Stage, stage_epoch: int, stop: Callable[[], bool]
+    ) -> dict[str, Any]:
+        method, ckpt = self.method, self.ckpt
+        method.on_epoch_start(epoch)
+        carry = ckpt.get("partial") if ckpt is not None and epoch == self.start else None
+        if carry is not None:  # continue the epoch as it was when it stopped
+            method.load_epoch_state(carry["method"])
+            torch.set_rng_state(ckpt["torch_rng"].cpu())  # type: ignore[index]
+        steps = min(len(x) for x in self.loaders.values())
+        self.bar.start_epoch(epoch + 1, self.total, steps)
+        optim_cfg, n = self.optim_cfg, stage.epochs
+        assert self.optimizer is not None
+        return train_one_epoch(
+            method, self.model, self.loaders, self.optimizer,
+            lambda f: learning_rate(optim_cfg, stage_epoch + f, n),
+            epoch, self.device, self.cfg.train, self.bar, carry, stop,
+        )  # fmt: skip
+
+    def state(self, epoch: int, idx: int, record: dict[str, Any] | None) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` (0-based): weights, optimizer, random state, the
+        best validation epoch, the config and the epoch's metrics line."""
+        assert self.optimizer is not None
+        return {
+            "record": record,  # the epoch's metrics line: one record with the weights
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "stage": idx,
+            "torch_rng": torch.get_rng_state(),
+            "best": self.best,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def preempted(self, epoch: int, idx: int, carry: dict[str, Any]) -> None:
+        """Save the epoch in progress (as of the SIGTERM) and stop."""
+        state = self.state(epoch - 1, idx, None)  # the last whole epoch; then the partial one
+        state["partial"] = {**carry, "epoch": epoch, "method": self.method.epoch_state()}
+        if self.main:
+            _save(state, self.out / CHECKPOINT_DIR / "last.pt")
+        distributed.barrier()
+        out = shown(self.out)
+        raise Preempted(
+            f"stopped by SIGTERM in epoch {epoch + 1} after step {carry['step']} of "
+            f"{carry['steps']}; saved in {out}: continue with `longtail train --out {out} "
+            "--resume`"
+        )
+
+    def end_epoch(self, epoch: int, idx: int, stage: Stage, stats: dict[str, Any]) -> None:
+        """Record, evaluate where asked, check and checkpoint the epoch just trained."""
+        record = self.record(epoch, stage, stats)
+        every, last = self.cfg.train.eval_every, epoch == self.total - 1
+        if self.data.test_source is not None and not last and every and (epoch + 1) % every == 0:
+            res = _evaluate_epoch(
+                self.method, self.data, "test", self.device, self.cfg.train, epoch
             )
-            if "preempted" in stats:
-                state = {
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch - 1,  # the last whole epoch; this one continues from:
-                    "partial": {
-                        **stats["preempted"],
-                        "epoch": epoch,
-                        "method": method.epoch_state(),
-                    },  # fmt: skip
-                    "stage": idx,
-                    "torch_rng": torch.get_rng_state(),
-                    "best": best,
-                    "record": None,
-                    "config": cfg.model_dump(mode="json"),
-                }
-                if main:
-                    _save(state, out / CHECKPOINT_DIR / "last.pt")
-                distributed.barrier()
-                done, steps = stats["preempted"]["step"], stats["preempted"]["steps"]
-                raise Preempted(
-                    f"stopped by SIGTERM in epoch {epoch + 1} after step {done} of {steps}; "
-                    f"saved in {shown(out)}: continue with `longtail train --out {shown(out)} "
-                    "--resume`"
-                )
-            scalars = method.scalars()
-            if epoch == total_epochs - 1:
-                scalars.update(method.calibrate(_collector(method, data, device, cfg.train)))
-            clash = RESERVED_KEYS.intersection(scalars)
-            if clash:
-                raise ValueError(f"{type(method).__name__}.scalars() uses reserved keys {clash}")
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "epochs": total_epochs,
-                "stage": stage.name,
-                **scalars,
-                **stats,
-            }
-            warnings = method.warnings()
-            if warnings:
-                record["warnings"] = warnings
-            last = epoch == total_epochs - 1
-            every = cfg.train.eval_every
-            if data.test_source is not None and not last and every and (epoch + 1) % every == 0:
-                res = _evaluate_epoch(method, data, "test", device, cfg.train, epoch)
-                record.update({f"test/{k}": res[k] for k in EVAL_KEYS})
-            _check_finite(method, epoch)  # a diverged model never reaches a checkpoint
-            state = {
-                "record": record,  # the epoch's metrics line: one record with the weights
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "stage": idx,
-                "torch_rng": torch.get_rng_state(),
-                "best": best,
-                "config": cfg.model_dump(mode="json"),
-            }
-            if data.val_source is not None:
-                res = _evaluate_epoch(method, data, "val", device, cfg.train, epoch)
-                record.update({f"val/{k}": res[k] for k in EVAL_KEYS})
-                if best is None or res["top1"] > best["top1"]:
-                    best = {"epoch": epoch + 1, "top1": res["top1"]}
-                    state["best"] = best
-                    if main:
-                        _save(state, out / CHECKPOINT_DIR / "best.pt")
-            if main:
-                _save(state, out / CHECKPOINT_DIR / "last.pt")
-                assert log is not None
-                log.write(record)
-                bar.end_epoch(format_record(record))
-                for w in warnings:
-                    bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
-            distributed.barrier()  # the others wait until the epoch is saved
+            record.update({f"test/{k}": res[k] for k in EVAL_KEYS})
+        _check_finite(self.method, epoch)  # a diverged model never reaches a checkpoint
+        state = self.state(epoch, idx, record)
+        if self.data.val_source is not None:
+            res = self.evaluate("val", epoch)
+            record.update({f"val/{k}": res[k] for k in EVAL_KEYS})
+            if self.best is None or res["top1"] > self.best["top1"]:
+                self.best = state["best"] = {"epoch": epoch + 1, "top1": res["top1"]}
+                if self.main:
+                    _save(state, self.out / CHECKPOINT_DIR / "best.pt")
+        if self.main:
+            _save(state, self.out / CHECKPOINT_DIR / "last.pt")
+            assert self.log is not None
+            self.log.write(record)
+            self.bar.end_epoch(format_record(record))
+            for w in record.get("warnings", []):
+                self.bar.end_epoch(f"warning: epoch {epoch + 1}: {w}")
+        distributed.barrier()  # the others wait until the epoch is saved
+
+    def evaluate(self, split: str, epoch: int) -> dict[str, Any]:
+        return _evaluate_epoch(self.method, self.data, split, self.device, self.cfg.train, epoch)
+
+    def record(self, epoch: int, stage: Stage, stats: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's line of metrics.jsonl: the method's scalars, then the engine's."""
+        method = self.method
+        scalars = method.scalars()
+        if epoch == self.total - 1:
+            collect = _collector(method, self.data, self.device, self.cfg.train)
+            scalars.update(method.calibrate(collect))
+        clash = RESERVED_KEYS.intersection(scalars)
+        if clash:
+            raise ValueError(f"{type(method).__name__}.scalars() uses reserved keys {clash}")
+        record = {"epoch": epoch + 1, "epochs": self.total, "stage": stage.name, **scalars, **stats}
+        warnings = method.warnings()
+        if warnings:
+            record["warnings"] = warnings
+        return record
