@@ -155,6 +155,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"training images{ratio}{', ' + splits if splits else ''}; {pre['image_size']} px, "
         f"{pre['channels']} channel{'s' if pre['channels'] > 1 else ''}"
     )
+    slow = summary.get("per_image_presets")
+    if slow:
+        data_line += (
+            f"; per-image loaders, the fast path has no batched form of "
+            f"{', '.join(map(repr, slow))} at {pre['image_size']} px"
+        )
     plan = summary["plan"]
     stages = "; ".join(
         f"{'' if len(plan) == 1 else s['stage'] + ' '}{s['epochs']} epochs x "
@@ -180,6 +186,7 @@ def data_summary(
         **sizes,
         "method": cfg.method_name,
         **({"plan": plan} if plan is not None else {}),
+        "per_image_presets": sorted(data.per_image_presets),
         "ratio": cfg.data.ratio,
         "n_max": cfg.data.n_max,
         "profile": cfg.data.profile,

@@ -17,7 +17,6 @@ from conftest import write_idx
 from longtail.build import build_data, validate
 from longtail.config import config_from_dict
 from longtail.data import TRANSFORMS, set_loader_epoch
-from longtail.data.batch_augment import AFTER_NORMALISATION, BATCH_PRESETS
 
 SIZE, N = 28, 400
 # crop: the image moves (or is rescaled) in the view; flip: the rate of horizontal flips.
@@ -32,7 +31,7 @@ EXPECTED = {
     "imagenet-hybrid": {"crop": True, "flip": 0.5},
     "imagenet-hybrid-jitter": {"crop": True, "flip": 0.5},
 }
-BATCHED = set(BATCH_PRESETS) | set(AFTER_NORMALISATION)
+BATCHED = {n for n in TRANSFORMS.names() if TRANSFORMS.meta(n).get("batched")}
 
 
 def pattern() -> np.ndarray:
@@ -110,3 +109,21 @@ def test_preset_crops_flips_and_draws_its_views_apart(name, fast, pattern_set):
         agree = float((f1 == f2).float().mean())
         assert abs(agree - 0.5) < 0.1, f"{name}: the views agree on {agree:.2f} of the flips"
         assert float((bar_row(first) != bar_row(second)).float().mean()) > 0.5, name
+
+
+def test_a_preset_without_a_batched_form_is_said_before_training(pattern_set, tmp_path, capsys):
+    from longtail import api
+    from longtail.config import config_from_dict
+
+    raw = {
+        "data": {"dataset": "fashion-mnist", "root": pattern_set, "ratio": None,
+                 "image_size": SIZE},
+        "model": {"backbone": "convnet-tiny"},
+        "train": {"device": "cpu", "epochs": 1, "batch_size": 100, "transform": "imagenet",
+                  "report": False},
+        "optim": {"milestones": []},
+    }  # fmt: skip
+    api.train(config_from_dict(raw), tmp_path / "run", progress=False)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("; per-image loaders, the fast path has no batched form of "
+                          "'imagenet' at 28 px")  # fmt: skip

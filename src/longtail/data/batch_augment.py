@@ -8,16 +8,17 @@ generator seeded by (seed, epoch, batch, view) and are drawn for the whole globa
 which each process keeps its slice: the images do not depend on the number of processes,
 and a resumed run sees the same ones.
 
-The batched presets mirror the per-image ones of :mod:`longtail.data.transforms` (same
-operations and parameters; random draws differ), BCL's ``strong`` view (AutoAugment's
-CIFAR-10 policy and Cutout) included; presets without a batched form (RandAugment, blur,
-large-image crops) leave the run on the per-image path.
+This module holds the batched operations; each preset's batched form is registered with
+the preset itself in :mod:`longtail.data.transforms` (its ``batched`` metadata: the same
+operations and parameters as the per-image form; random draws differ), BCL's ``strong`` view
+(AutoAugment's CIFAR-10 policy and Cutout) included. A preset without one (RandAugment,
+blur, large-image crops) leaves its loader on the per-image path, and the run says so.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,6 @@ from torchvision.transforms import v2
 
 from longtail.data.dataset import item_seed
 from longtail.data.samplers import KPerClassBatchSampler
-from longtail.data.transforms import SMALL_MAX
 
 GREY = (0.299, 0.587, 0.114)  # the luma weights torchvision's grayscale uses
 
@@ -352,61 +352,6 @@ def cutout(fraction: float) -> Op:
         return x.masked_fill(inside[:, None], 0.0)
 
     return op
-
-
-def _jitter(channels: int) -> Op:
-    return color_jitter(0.4, 0.4, 0.4 if channels == 3 else 0, 0.1 if channels == 3 else 0, 0.8)
-
-
-# Batched forms of the small-image presets (the per-image Resize(size) is done once, when the
-# images are cached at the training size).
-BATCH_PRESETS: dict[str, Callable[[int, int], list[Op]]] = {
-    "test": lambda size, c: [],
-    "crop-flip": lambda size, c: [pad_crop(4), flip],
-    "hybrid": lambda size, c: [pad_crop(4), flip, grayscale(0.2)],
-    "hybrid-jitter": lambda size, c: [pad_crop(4), flip, _jitter(c), grayscale(0.2)],
-    "simclr": lambda size, c: [
-        resized_crop(size, (0.2, 1.0), (3 / 4, 4 / 3)),
-        flip,
-        _jitter(c),
-        grayscale(0.2),
-    ],
-}
-
-
-# Presets with ops after normalisation: (ops, after).
-AFTER_NORMALISATION: dict[str, Callable[[int, int], tuple[list[Op], list[Op]]]] = {
-    "strong": lambda size, c: (
-        [pad_crop(4), flip, AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10, size)],
-        [cutout(0.25)],
-    ),
-}
-
-
-def batch_preset(
-    name: str,
-    size: int,
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device,
-) -> BatchPreset | None:
-    """The batched form of preset ``name``, or None where there is none (per-image path)."""
-    if size > SMALL_MAX:
-        return None
-    if name in BATCH_PRESETS:
-        ops, after = BATCH_PRESETS[name](size, channels), []
-    elif name in AFTER_NORMALISATION:
-        ops, after = AFTER_NORMALISATION[name](size, channels)
-    else:
-        return None
-    shape = (1, channels, 1, 1)
-    return BatchPreset(
-        ops,
-        torch.tensor(mean, device=device).view(shape),
-        torch.tensor(std, device=device).view(shape),
-        after,
-    )
 
 
 class DeviceLoader:

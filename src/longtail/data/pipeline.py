@@ -17,12 +17,12 @@ from torchvision.transforms.v2 import functional as v2f
 
 from longtail import parallel
 from longtail.config import DataConfig
-from longtail.data.batch_augment import DeviceLoader, batch_preset
+from longtail.data.batch_augment import DeviceLoader
 from longtail.data.dataset import EpochKeys, LTDataset
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import ArraySource, FileSource, Source, load_source
-from longtail.data.transforms import MultiView, build_transform
+from longtail.data.transforms import MultiView, batch_preset, build_transform
 from longtail.errors import DataError
 
 
@@ -51,6 +51,9 @@ class RunData:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _transforms: dict[str, Any] = field(default_factory=dict, repr=False)
     _cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    #: Presets that put a loader on the per-image path although the fast path is on (no
+    #: batched form, or images larger than it handles).
+    per_image_presets: set[str] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
@@ -207,7 +210,9 @@ class RunData:
             batch_preset(n, self.cfg.image_size, src.channels, src.mean, src.std, self.device)
             for n in names
         ]
-        if any(p is None for p in presets):
+        missing = [n for n, p in zip(names, presets, strict=True) if p is None]
+        if missing:  # said before training: the per-image path is several times slower
+            self.per_image_presets.update(missing)
             return None
         cache = self.device_images()
         if cache is None:

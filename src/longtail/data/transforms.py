@@ -14,6 +14,17 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from longtail.data.batch_augment import (
+    AutoAugmentPolicy,
+    BatchPreset,
+    Op,
+    color_jitter,
+    cutout,
+    flip,
+    grayscale,
+    pad_crop,
+    resized_crop,
+)
 from longtail.registry import Registry
 
 # Images up to this side get the CIFAR-style treatment (pad-and-crop, no centre crop margin).
@@ -22,7 +33,16 @@ SMALL_MAX = 64
 CROP_FRACTION = 0.875
 
 TransformBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
+#: Each augmentation preset: its per-image builder (torchvision v2, on PIL images or uint8
+#: tensors), and in its metadata ``batched``, ``(size, channels) -> (ops, ops after
+#: normalisation)``, the same operations on a whole batch on the device (the fast path) for
+#: images up to SMALL_MAX; a preset without it trains on the per-image path.
 TRANSFORMS: Registry[TransformBuilder] = Registry("transform")
+BatchedBuilder = Callable[[int, int], tuple[list[Op], list[Op]]]
+
+
+def _batched_jitter(channels: int) -> Op:
+    return color_jitter(0.4, 0.4, 0.4 if channels == 3 else 0, 0.1 if channels == 3 else 0, 0.8)
 
 
 def _wrap(
@@ -60,29 +80,38 @@ def _resized_crop_flip(size: int) -> list[Any]:
     return [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
 
 
-@TRANSFORMS.register("test")
+@TRANSFORMS.register("test", batched=lambda size, c: ([], []))
 def _test(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     if size <= SMALL_MAX:
         return _wrap([v2.Resize(size), v2.CenterCrop(size)], mean, std)
     return _wrap([v2.Resize(int(size / CROP_FRACTION)), v2.CenterCrop(size)], mean, std)
 
 
-@TRANSFORMS.register("crop-flip")
+@TRANSFORMS.register("crop-flip", batched=lambda size, c: ([pad_crop(4), flip], []))
 def _cf(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size), mean, std)
 
 
-@TRANSFORMS.register("hybrid")
+@TRANSFORMS.register("hybrid", batched=lambda size, c: ([pad_crop(4), flip, grayscale(0.2)], []))
 def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size) + _grayscale(channels), mean, std)
 
 
-@TRANSFORMS.register("hybrid-jitter")
+@TRANSFORMS.register(
+    "hybrid-jitter",
+    batched=lambda size, c: ([pad_crop(4), flip, _batched_jitter(c), grayscale(0.2)], []),
+)
 def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return _wrap(_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
 
 
-@TRANSFORMS.register("strong")
+@TRANSFORMS.register(
+    "strong",
+    batched=lambda size, c: (
+        [pad_crop(4), flip, AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10, size)],
+        [cutout(0.25)],  # after normalisation: the square is set to the mean
+    ),
+)
 def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """BCL's classifier view. Small images: pad-crop, flip, AutoAugment's CIFAR-10 policy and
     Cutout (a square of half the side set to the mean, inside the image); large ones:
@@ -94,7 +123,13 @@ def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float
     return _wrap([*_resized_crop_flip(size), v2.RandAugment(num_ops=2, magnitude=9)], mean, std)
 
 
-@TRANSFORMS.register("simclr")
+@TRANSFORMS.register(
+    "simclr",
+    batched=lambda size, c: (
+        [resized_crop(size, (0.2, 1.0), (3 / 4, 4 / 3)), flip, _batched_jitter(c), grayscale(0.2)],
+        [],
+    ),
+)
 def _simclr(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """SimCLR's views as BCL uses them: random-resized crop (20-100% of the area), flip,
     colour jitter (p 0.8), grayscale (p 0.2); large images also get Gaussian blur (p 0.5)."""
@@ -164,3 +199,26 @@ class MultiView:
 
     def __repr__(self) -> str:
         return f"MultiView({self.transforms!r})"
+
+
+def batch_preset(
+    name: str,
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> BatchPreset | None:
+    """The batched form of preset ``name``, or None where it has none (images over
+    SMALL_MAX, or a preset registered without ``batched``): the per-image path then."""
+    batched = TRANSFORMS.meta(name).get("batched")
+    if size > SMALL_MAX or batched is None:
+        return None
+    ops, after = batched(size, channels)
+    shape = (1, channels, 1, 1)
+    return BatchPreset(
+        ops,
+        torch.tensor(mean, device=device).view(shape),
+        torch.tensor(std, device=device).view(shape),
+        after,
+    )
