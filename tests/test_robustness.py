@@ -582,7 +582,7 @@ def test_a_full_disk_while_the_report_is_written_keeps_the_run_and_says_so(
 
     from longtail import reporting
 
-    def full(report, out):
+    def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(reporting, "write_report", full)

@@ -247,8 +247,8 @@ def _start_run_dir(
     copies = 3 if data.val_source is not None else 2  # last, best, a write in flight
     run.check_writable(copies * checkpoint_bytes(method) + 16 * 2**20)
     if not resume:
-        atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-        atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
+        atomic_write_bytes(run.config, dump_config(cfg).encode())
+        atomic_write_bytes(run.data_json, jsonio.dumps(summary, indent=1).encode())
     for line in summary_lines(summary):
         print(line)
     warnings = [subsampling_warning(cfg, data), skipped_links_warning(cfg, data)]
@@ -274,8 +274,8 @@ def _resume_from(
         check_extension(before, cfg, ckpt["epoch"] + 1)
     check_checkpoint(ckpt, cfg, run.last, method, ("train.epochs",) if extended else ())
     if before is not None and distributed.is_main():  # the run's files say what it now is
-        atomic_write_bytes(run.path / "config.yaml", dump_config(cfg).encode())
-        atomic_write_bytes(run.path / "data.json", jsonio.dumps(summary, indent=1).encode())
+        atomic_write_bytes(run.config, dump_config(cfg).encode())
+        atomic_write_bytes(run.data_json, jsonio.dumps(summary, indent=1).encode())
         if extended:
             print(
                 f"extending the run from {before.train.epochs} to {cfg.train.epochs} epochs: "

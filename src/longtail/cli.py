@@ -137,8 +137,8 @@ def train(
         )
         print(f"test top-1 {res['top1']:.4f}  {groups}  (epoch {res['epoch']})")
         print(f"run directory: {out}")
-        if (out / "report.html").is_file():
-            print(f"report: {out / 'report.html'}")
+        if RunDir(out).report.is_file():
+            print(f"report: {RunDir(out).report}")
     distributed.exit_process(0)
 
 
@@ -300,7 +300,7 @@ def predict(
     """Classify images with a trained run (its evaluation preprocessing)."""
     _check_run_dir(run_dir)
     if out is not None:  # before any work: never over a run's files, nothing else unasked
-        check_output(out, run_dir, [run_dir / "predictions.csv"], force)
+        check_output(out, run_dir, [RunDir(run_dir).predictions], force)
     rows = predict_images(run_dir, images, top_k=top_k)
     if out is not None:
         write_predictions_csv(rows, out, run_dir, force=force)

@@ -23,6 +23,7 @@ from longtail import jsonio
 from longtail.data import build_transform
 from longtail.data.sources import check_plain_tree, decode_image, walk_images
 from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
+from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
 from longtail.runs import RunInfo, load_run
@@ -148,7 +149,7 @@ def write_predictions_csv(
     """``rows`` of :func:`predict_images` as CSV (path, class, probability, top_k) at ``out``
     (:func:`check_output`: never over a run's files; an existing file only with ``force``)."""
     out = Path(out)
-    check_output(out, Path(run_dir), [Path(run_dir) / "predictions.csv"], force)
+    check_output(out, Path(run_dir), [RunDir(run_dir).predictions], force)
 
     def write(path: Path) -> None:
         with path.open("w", newline="", encoding="utf-8") as f:
@@ -228,8 +229,9 @@ def export_run(
             "ONNX export needs the onnx package: pip install 'longtail[export]' (or onnx)"
         )
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "export" / f"model{EXPORT_SUFFIX[fmt]}"
-    defaults = [run_dir / "export" / f"model{suffix}" for suffix in EXPORT_SUFFIX.values()]
+    folder = RunDir(run_dir).export_dir
+    out = Path(out) if out else folder / f"model{EXPORT_SUFFIX[fmt]}"
+    defaults = [folder / f"model{suffix}" for suffix in EXPORT_SUFFIX.values()]
     own = [*defaults, *(p.with_name(p.name + ".json") for p in defaults)]  # re-export replaces
     check_output(out, run_dir, own, force)
     card_path = out.with_name(out.name + ".json")

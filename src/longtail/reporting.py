@@ -20,7 +20,7 @@ from longtail.config import Config
 from longtail.data import RunData
 from longtail.engine import distributed
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.engine.run_dir import CHECKPOINT_DIR
+from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import predict_loader
 from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
@@ -34,7 +34,7 @@ EMBEDDING_POINTS = 2000
 
 def read_history(out: Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl``; a line cut off by a crash is skipped."""
-    path = out / "metrics.jsonl"
+    path = RunDir(out).metrics
     if not path.is_file():
         return []
     records = []
@@ -143,12 +143,12 @@ def report_run(
             raise DataError(f"the report needs the run's data set: {e.template}") from None
     if method is None:
         method = build_method(cfg, data, device)
-        path = out / CHECKPOINT_DIR / "last.pt"
+        path = RunDir(out).last
         if not path.is_file():
             raise UsageError(f"{shown(out)} has no checkpoint last.pt; train it first")
         check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
     if evaluation is None or "reliability" not in evaluation:
-        saved = _read_json(out / "eval_test.json")
+        saved = _read_json(RunDir(out).evaluation())
         evaluation = saved if saved and "reliability" in saved else None
     if evaluation is None:
         evaluation = evaluate_run(out, cfg=cfg, method=method, data=data, device=device)
@@ -156,7 +156,7 @@ def report_run(
     if not distributed.is_main():
         return None
     history = read_history(out)
-    config_path = out / "config.yaml"
+    config_path = RunDir(out).config
     counts = data.counts.tolist()
     report = ReportInput(
         title=out.name,
@@ -172,7 +172,7 @@ def report_run(
         config_text=config_path.read_text(encoding="utf-8") if config_path.is_file() else "",
     )
     try:
-        return write_report(report, out)
+        return write_report(report, RunDir(out).report, RunDir(out).plots)
     except OSError as e:  # a read-only run directory, a full disk
         raise LongtailError(
             f"cannot write the report in {shown(out)}: {e.strerror or e}; free some space (or "
@@ -191,7 +191,7 @@ def compare_row(out: str | Path) -> dict[str, Any]:
     """One row of ``longtail compare``: the run's settings and its test metrics."""
     out = Path(out)
     cfg = read_run_config(out)
-    evaluation = _read_json(out / "eval_test.json")
+    evaluation = _read_json(RunDir(out).evaluation())
     if evaluation is None or "top1" not in evaluation:
         raise UsageError(
             f"{shown(out)} has no test evaluation (eval_test.json); run `longtail evaluate "

@@ -25,7 +25,7 @@ from longtail.config import Config, config_from_dict, deep_merge, load_yaml, par
 from longtail.data import RunData, default_root
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
-from longtail.engine.run_dir import CHECKPOINT_DIR, RunDir
+from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import evaluate, resolve_device
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
@@ -40,7 +40,7 @@ def config_device(cfg: Config) -> torch.device:
 
 def read_run_config(out: Path) -> Config:
     """The validated config a run directory was trained with."""
-    path = out / "config.yaml"
+    path = RunDir(out).config
     if not path.is_file():
         raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing")
     try:
@@ -365,7 +365,7 @@ def evaluate_run(
         )
     if method is None:
         method = build_method(cfg, data, device)
-        path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
+        path = RunDir(out).checkpoint(checkpoint)
         ckpt = load_checkpoint(path, map_location=device)
         check_checkpoint(ckpt, cfg, path, method)
         epoch = ckpt["epoch"] + 1
@@ -379,12 +379,12 @@ def evaluate_run(
     if save and distributed.is_main():
         # eval_<split>.json is the last epoch's alone (what compare and report read); the
         # best checkpoint's result goes beside it.
-        name = f"eval_{split}.json" if checkpoint == "last" else f"eval_{split}_{checkpoint}.json"
+        path = RunDir(out).evaluation(split, checkpoint)
         try:
-            atomic_write_bytes(out / name, jsonio.dumps(res, indent=1).encode())
+            atomic_write_bytes(path, jsonio.dumps(res, indent=1).encode())
         except OSError as e:  # a read-only run directory, a full disk: the result still counts
             print(
-                f"warning: could not write {shown(out / name)} ({e.strerror or e}); the result "
+                f"warning: could not write {shown(path)} ({e.strerror or e}); the result "
                 "is only printed",
                 file=sys.stderr,
             )
@@ -421,7 +421,7 @@ class RunInfo:
 
 def read_run_info(out: str | Path) -> RunInfo:
     """The :class:`RunInfo` of run directory ``out``."""
-    path = Path(out) / "data.json"
+    path = RunDir(out).data_json
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         pre = saved["preprocess"]
@@ -453,7 +453,7 @@ def load_run(
     info = read_run_info(out)
     device = device or config_device(cfg)
     method = build_method(cfg, info, device)  # type: ignore[arg-type]  # setup reads counts etc.
-    path = out / CHECKPOINT_DIR / f"{checkpoint}.pt"
+    path = RunDir(out).checkpoint(checkpoint)
     if not path.is_file():
         raise UsageError(f"{shown(out)} has no checkpoint {checkpoint}.pt; train it first")
     check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)

@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from longtail import jsonio
 from longtail.engine.checkpoint import atomic_write_bytes
+from longtail.engine.run_dir import RunDir
 
 #: Keys of an epoch record that the engine writes itself; a method's scalars must not use them.
 RESERVED_KEYS = frozenset(
@@ -33,8 +34,9 @@ class MetricsLog:
     """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors it to TensorBoard."""
 
     def __init__(self, out: Path, tensorboard: bool = True) -> None:
-        self.path = out / "metrics.jsonl"
-        self.tb = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
+        run = RunDir(out)
+        self.path = run.metrics
+        self.tb = SummaryWriter(str(run.tensorboard)) if tensorboard else None
 
     def repair(self, last: dict[str, Any] | None, epoch: int) -> None:
         """Make metrics.jsonl agree with a checkpoint of ``epoch`` (1-based) before a resume.

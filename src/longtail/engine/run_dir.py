@@ -42,13 +42,63 @@ class RunDir:
         self.path = Path(path)
         self._lock_fd: int | None = None
 
+    # -- the layout: every file a run directory holds is named here, and only here --------
+    @property
+    def config(self) -> Path:
+        """The resolved config the run trains with."""
+        return self.path / "config.yaml"
+
+    @property
+    def data_json(self) -> Path:
+        """Classes, counts, shot groups, the images' preprocessing and the run's plan."""
+        return self.path / "data.json"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per finished epoch."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    def checkpoint(self, name: str) -> Path:
+        """``last`` (the last epoch) or ``best`` (the best validation epoch)."""
+        return self.checkpoints / f"{name}.pt"
+
     @property
     def last(self) -> Path:
-        return self.path / CHECKPOINT_DIR / "last.pt"
+        return self.checkpoint("last")
 
     @property
     def best(self) -> Path:
-        return self.path / CHECKPOINT_DIR / "best.pt"
+        return self.checkpoint("best")
+
+    def evaluation(self, split: str = "test", checkpoint: str = "last") -> Path:
+        """The metrics of a checkpoint on a split: ``eval_test.json`` is the last epoch's."""
+        suffix = "" if checkpoint == "last" else f"_{checkpoint}"
+        return self.path / f"eval_{split}{suffix}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def predictions(self) -> Path:
+        """Where ``predict --out`` may write inside the run."""
+        return self.path / "predictions.csv"
 
     def started(self) -> bool:
         """Whether a run has finished at least one epoch here."""
@@ -86,7 +136,7 @@ class RunDir:
     def check_resumable(self) -> None:
         self.check_path()
         if not self.started():
-            if (self.path / "config.yaml").is_file():
+            if self.config.is_file():
                 raise UsageError(
                     f"{{resume}}: {shown(self.path)} has no checkpoint (its run stopped before "
                     "the first "
@@ -140,7 +190,7 @@ class RunDir:
 
     def remove_partial_writes(self) -> None:
         """Delete temporary files of checkpoint writes that a killed process left."""
-        folder = self.path / CHECKPOINT_DIR
+        folder = self.checkpoints
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
@@ -214,7 +264,7 @@ class RunDir:
         Writes, syncs and deletes a small file in ``checkpoints/`` (an unwritable or
         read-only directory fails here) and compares ``need_bytes`` with the free space.
         """
-        folder = self.path / CHECKPOINT_DIR
+        folder = self.checkpoints
         probe = folder / ".write-test.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from longtail.data import RunData, set_loader_epoch, to_device
 from longtail.engine import distributed
 from longtail.engine.checkpoint import save_checkpoint
 from longtail.engine.logging import RESERVED_KEYS, MetricsLog, ProgressBar, format_record
-from longtail.engine.run_dir import CHECKPOINT_DIR
+from longtail.engine.run_dir import RunDir
 from longtail.engine.schedules import learning_rate
 from longtail.errors import LongtailError, shown
 from longtail.evaluation import evaluate_logits
@@ -557,7 +557,7 @@ class Trainer:
         state = self.state(epoch - 1, idx, None)  # the last whole epoch; then the partial one
         state["partial"] = {**carry, "epoch": epoch, "method": self.method.epoch_state()}
         if self.main:
-            _save(state, self.out / CHECKPOINT_DIR / "last.pt")
+            _save(state, RunDir(self.out).last)
         distributed.barrier()
         out = shown(self.out)
         raise Preempted(
@@ -583,9 +583,9 @@ class Trainer:
             if self.best is None or res["top1"] > self.best["top1"]:
                 self.best = state["best"] = {"epoch": epoch + 1, "top1": res["top1"]}
                 if self.main:
-                    _save(state, self.out / CHECKPOINT_DIR / "best.pt")
+                    _save(state, RunDir(self.out).best)
         if self.main:
-            _save(state, self.out / CHECKPOINT_DIR / "last.pt")
+            _save(state, RunDir(self.out).last)
             assert self.log is not None
             self.log.write(record)
             self.bar.end_epoch(format_record(record))

@@ -335,10 +335,10 @@ window.addEventListener("load", () => {{
 """
 
 
-def write_report(r: ReportInput, out: str | Path) -> Path:
-    """Write ``report.html`` and ``plots/<name>.png`` into ``out``; returns the page's path."""
-    out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+def write_report(r: ReportInput, page: str | Path, plots: str | Path) -> Path:
+    """Write the page at ``page`` and each plot as ``plots/<name>.png``; returns the page."""
+    page, plots = Path(page), Path(plots)
+    plots.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
     for name, (plot, _) in PLOTS.items():
         if name == "embedding" and r.embedding is None:
@@ -346,7 +346,6 @@ def write_report(r: ReportInput, out: str | Path) -> Path:
         if name == "curves" and not r.history:
             continue
         images[name] = _png(plot(r))
-        (out / "plots" / f"{name}.png").write_bytes(images[name])
-    page = out / "report.html"
+        (plots / f"{name}.png").write_bytes(images[name])
     page.write_text(render_html(r, images), encoding="utf-8")
     return page
