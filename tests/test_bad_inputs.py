@@ -303,7 +303,7 @@ CASES = [
          ["evaluate", "{tmp}/run", "--split", "train"], 2, ["--split", "val"], setup=_run,
          kind="run"),
     Case("evaluate-no-best", "evaluate best.pt of a run without a validation split",
-         ["evaluate", "{tmp}/run", "--checkpoint", "best"], 1, ["best.pt", "does not exist"],
+         ["evaluate", "{tmp}/run", "--checkpoint", "best"], 2, ["best.pt", "validation split"],
          setup=_run, kind="run"),
     Case("evaluate-no-val", "evaluate the validation split of a run without one",
          ["evaluate", "{tmp}/run", "--split", "val"], 2, ["data.val_split"], setup=_run,

@@ -15,18 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from longtail.build import build_data, build_method
+from longtail.build import build_data
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.engine import distributed
-from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import predict_loader
 from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.evaluation.report import ReportInput, write_report
 from longtail.methods import Method
-from longtail.runs import check_checkpoint, config_device, evaluate_run, read_run_config
+from longtail.runs import config_device, evaluate_run, load_method, read_run_config
 
 # Test images whose features the embedding plot shows (stratified over classes).
 EMBEDDING_POINTS = 2000
@@ -142,11 +141,7 @@ def report_run(
         except DataError as e:
             raise DataError(f"the report needs the run's data set: {e.template}") from None
     if method is None:
-        method = build_method(cfg, data, device)
-        path = RunDir(out).last
-        if not path.is_file():
-            raise UsageError(f"{shown(out)} has no checkpoint last.pt; train it first")
-        check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
+        method, _ = load_method(out, "last", cfg, data, device)
     if evaluation is None or "reliability" not in evaluation:
         saved = _read_json(RunDir(out).evaluation())
         evaluation = saved if saved and "reliability" in saved else None

@@ -364,10 +364,7 @@ def evaluate_run(
             f"{cfg.data.dataset} has no validation split configured (config key data.val_split)"
         )
     if method is None:
-        method = build_method(cfg, data, device)
-        path = RunDir(out).checkpoint(checkpoint)
-        ckpt = load_checkpoint(path, map_location=device)
-        check_checkpoint(ckpt, cfg, path, method)
+        method, ckpt = load_method(out, checkpoint, cfg, data, device)
         epoch = ckpt["epoch"] + 1
     else:
         epoch = sum(s.epochs for s in method.stages())
@@ -444,17 +441,31 @@ def read_run_info(out: str | Path) -> RunInfo:
         ) from None
 
 
+def load_method(
+    out: str | Path, checkpoint: str, cfg: Config, data: RunData | RunInfo, device: torch.device
+) -> tuple[Method, dict[str, Any]]:
+    """The method of ``cfg``, set up for ``data`` (a run's data, or its data.json's
+    :class:`RunInfo`), with the weights of the run's ``checkpoint`` (``last`` or ``best``),
+    checked against the config; and the checkpoint."""
+    method = build_method(cfg, data, device)  # type: ignore[arg-type]  # setup reads counts
+    path = RunDir(out).checkpoint(checkpoint)
+    if not path.is_file():
+        why = (
+            "a run keeps one only with a validation split (data.val_split)"
+            if checkpoint == "best"
+            else "train it first"
+        )
+        raise UsageError(f"{shown(out)} has no checkpoint {checkpoint}.pt; {why}")
+    ckpt = load_checkpoint(path, map_location=device)
+    check_checkpoint(ckpt, cfg, path, method)
+    return method, ckpt
+
+
 def load_run(
     out: str | Path, checkpoint: str = "last", device: torch.device | None = None
 ) -> tuple[Config, Method, RunInfo]:
     """The trained method of run directory ``out`` in eval mode, without its data set."""
-    out = Path(out)
-    cfg = read_run_config(out)
-    info = read_run_info(out)
-    device = device or config_device(cfg)
-    method = build_method(cfg, info, device)  # type: ignore[arg-type]  # setup reads counts etc.
-    path = RunDir(out).checkpoint(checkpoint)
-    if not path.is_file():
-        raise UsageError(f"{shown(out)} has no checkpoint {checkpoint}.pt; train it first")
-    check_checkpoint(load_checkpoint(path, map_location=device), cfg, path, method)
+    cfg = read_run_config(Path(out))
+    info = read_run_info(Path(out))
+    method, _ = load_method(out, checkpoint, cfg, info, device or config_device(cfg))
     return cfg, method.eval(), info
