@@ -28,7 +28,6 @@ from longtail.methods import Method
 from longtail.reporting import report_run
 from longtail.runs import (
     RunInfo,
-    _state_mismatch,
     check_checkpoint,
     check_extension,
     config_device,
@@ -56,35 +55,18 @@ __all__ = [
 ]
 
 
-def load_first_stage(method: Method, cfg: Config, source: Path) -> None:
-    """Weights of a finished first stage from run ``source`` (``method.from_run``), all but
-    the classifier, which stays new for the classifier stage."""
-    run = RunDir(source)
+def warm_start(method: Method) -> None:
+    """Give ``method`` the weights of the run its options start from, if any (a classifier
+    stage on a finished first stage): the run's own config and last checkpoint."""
+    found = method.warm_start_from()
+    if found is None:
+        return
+    key, source = found
+    run = RunDir(Path(source).expanduser())
     if not run.started():
-        raise UsageError(
-            f"method.from_run: {shown(source)} has no checkpoint; train its first stage"
-        )
-    other = read_run_config(run.path)
-    if other.method_name != cfg.method_name or other.model != cfg.model:
-        raise UsageError(
-            f"method.from_run: {shown(source)} trained {other.method_name} with another model "
-            "section; "
-            "give a run of the same method and model"
-        )
-    ckpt = load_checkpoint(run.last)
-    first = other.train.epochs - int(other.method.get("classifier_epochs", 0))
-    if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
-        raise UsageError(
-            f"method.from_run: {shown(source)} stopped at epoch {ckpt['epoch'] + 1} of its first "
-            f"stage's {first}; finish it first (train it again with {{resume}})"
-        )
-    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
-    mismatch = _state_mismatch(
-        {k: v for k, v in method.state_dict().items() if not k.startswith("classifier.")}, state
-    )
-    if mismatch:
-        raise UsageError(f"method.from_run: {shown(source)} does not fit this model ({mismatch})")
-    method.load_state_dict(state, strict=False)
+        raise UsageError(f"method.{key}: {shown(source)} has no checkpoint; train its first stage")
+    with config_key(f"method.{key}"):
+        method.warm_start(shown(source), read_run_config(run.path), load_checkpoint(run.last))
 
 
 def checkpoint_bytes(method: Method) -> int:
@@ -183,9 +165,8 @@ def _set_up(cfg: Config, resume: bool) -> tuple[torch.device, RunData, Method, l
         method = distributed.sync_batch_norm(method)
     if cfg.train.compile:  # the module stays as it is (its state_dict keys unchanged)
         method.backbone.forward = torch.compile(method.backbone.forward)
-    from_run = getattr(method.opts, "from_run", None)
-    if from_run and not resume:
-        load_first_stage(method, cfg, Path(from_run).expanduser())
+    if not resume:
+        warm_start(method)
     # The stages' loaders, built before the run directory: a batch that does not split over
     # the processes, or a training image that does not decode (the fast path decodes them
     # all), stops the run before anything is written.

@@ -30,6 +30,7 @@ from longtail.engine.trainer import evaluate, resolve_device
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS, Method
+from longtail.methods.base import state_mismatch
 
 
 def config_device(cfg: Config) -> torch.device:
@@ -307,34 +308,13 @@ def check_checkpoint(
                 "there "
                 f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
             )
-    mismatch = _state_mismatch(method.state_dict(), ckpt["model"])
+    mismatch = state_mismatch(method.state_dict(), ckpt["model"])
     if mismatch:
         raise LongtailError(
             f"checkpoint {shown(path)} does not fit the model of config.yaml ({mismatch}); it was "
             "written by another config"
         )
     method.load_state_dict(ckpt["model"])
-
-
-def _state_mismatch(expected: dict[str, Any], given: Any) -> str:
-    """What keeps ``given`` from loading as ``expected`` (a state dict), or ''."""
-    if not isinstance(given, dict):
-        return "it holds no weights"
-    missing = [k for k in expected if k not in given]
-    extra = [k for k in given if k not in expected]
-    shapes = [
-        k
-        for k in expected
-        if k in given
-        and hasattr(given[k], "shape")
-        and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    parts = [
-        f"{len(keys)} {what} (first {keys[0]})"
-        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "of other shape"))
-        if keys
-    ]
-    return ", ".join(parts)
 
 
 def evaluate_run(

@@ -141,6 +141,18 @@ class Method(nn.Module):
             raise TypeError(f"{type(self).__name__} defines no loaders for stage {stage.name!r}")
         return stage.loaders(data)
 
+    def warm_start_from(self) -> tuple[str, str] | None:
+        """``(option, run directory)`` when the method's options name a run whose weights
+        this one starts from (a classifier stage on a finished first stage, say); None
+        trains from scratch."""
+        return None
+
+    def warm_start(self, source: str, source_cfg: Config, ckpt: Mapping[str, Any]) -> None:
+        """Take the weights this method wants from ``ckpt``, the last checkpoint of run
+        ``source`` (trained with ``source_cfg``); raise ValueError naming what does not fit.
+        Called before training, for :meth:`warm_start_from`'s run."""
+        raise TypeError(f"{type(self).__name__} does not start from another run")
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that ``optim.decay_exempt`` frees from weight decay besides
         biases and normalisation parameters: learnable class prototypes by default (a method
@@ -274,6 +286,27 @@ class Method(nn.Module):
         for m in self._frozen:
             m.eval()
         return self
+
+
+def state_mismatch(expected: dict[str, Any], given: Any) -> str:
+    """What keeps ``given`` from loading as ``expected`` (a state dict), or ''."""
+    if not isinstance(given, dict):
+        return "it holds no weights"
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [
+        k
+        for k in expected
+        if k in given
+        and hasattr(given[k], "shape")
+        and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(keys)} {what} (first {keys[0]})"
+        for keys, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "of other shape"))
+        if keys
+    ]
+    return ", ".join(parts)
 
 
 METHODS: Registry[type[Method]] = Registry("method")

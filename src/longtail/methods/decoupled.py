@@ -8,7 +8,8 @@ from its own (by default class-balanced) sampler.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from longtail.config import Config
 from longtail.data import RunData
-from longtail.methods.base import Batches, Method, Stage
+from longtail.methods.base import Batches, Method, Stage, state_mismatch
 from longtail.methods.contrastive import SamplerName, TransformName
 
 
@@ -117,3 +118,37 @@ def classifier_stage(
     return Stage(
         "classifier", opts.classifier_epochs, optim, start=start, loaders=loaders, step=step
     )
+
+
+class FirstStageWarmStart:
+    """For methods with a classifier stage (a :class:`ClassifierStageOptions`): with
+    ``from_run``, the weights of a finished first stage of the same method and model, all but
+    the classifier, which the classifier stage trains anew."""
+
+    opts: ClassifierStageOptions
+    cfg: Config
+
+    def warm_start_from(self) -> tuple[str, str] | None:
+        return ("from_run", self.opts.from_run) if self.opts.from_run else None
+
+    def warm_start(self, source: str, source_cfg: Config, ckpt: Mapping[str, Any]) -> None:
+        cfg = self.cfg
+        if source_cfg.method_name != cfg.method_name or source_cfg.model != cfg.model:
+            raise ValueError(
+                f"{source} trained {source_cfg.method_name} with another model section; give "
+                "a run of the same method and model"
+            )
+        first = source_cfg.train.epochs - int(source_cfg.method.get("classifier_epochs", 0))
+        if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
+            raise ValueError(
+                f"{source} stopped at epoch {ckpt['epoch'] + 1} of its first stage's {first}; "
+                "finish it first (train it again with {resume})"
+            )
+        state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
+        mine = self.state_dict()  # type: ignore[attr-defined]
+        mismatch = state_mismatch(
+            {k: v for k, v in mine.items() if not k.startswith("classifier.")}, state
+        )
+        if mismatch:
+            raise ValueError(f"{source} does not fit this model ({mismatch})")
+        self.load_state_dict(state, strict=False)  # type: ignore[attr-defined]

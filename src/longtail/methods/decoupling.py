@@ -24,6 +24,7 @@ from longtail.methods.base import Batches, Collect, Method, MethodOptions, Stage
 from longtail.methods.contrastive import TransformName
 from longtail.methods.decoupled import (
     ClassifierStageOptions,
+    FirstStageWarmStart,
     check_stage_lengths,
     classifier_stage,
 )
@@ -49,7 +50,7 @@ class ClassScales(nn.Module):
         self.scales = nn.Parameter(torch.ones(num_classes))
 
 
-class Decoupling(Method):
+class Decoupling(FirstStageWarmStart, Method):
     """Joint CE training, then cRT, LWS or tau-normalisation."""
 
     Options = DecouplingOptions

@@ -42,6 +42,7 @@ from longtail.methods.base import (
 from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
 from longtail.methods.decoupled import (
     ClassifierStageOptions,
+    FirstStageWarmStart,
     check_stage_lengths,
     decoupled_stages,
     standardised_classifier,
@@ -74,7 +75,7 @@ class DSCLOptions(MethodOptions, ClassifierStageOptions):
     classifier_bn: bool = True  # ours: contrastive features make plain SGD diverge
 
 
-class DSCL(Method):
+class DSCL(FirstStageWarmStart, Method):
     """DSCL + PBSD, then a linear classifier on frozen features."""
 
     Options = DSCLOptions

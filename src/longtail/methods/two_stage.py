@@ -18,6 +18,7 @@ from longtail.methods.base import Batches, Method, Stage, register_method
 from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
 from longtail.methods.decoupled import (
     ClassifierStageOptions,
+    FirstStageWarmStart,
     check_stage_lengths,
     decoupled_stages,
     standardised_classifier,
@@ -31,7 +32,7 @@ class TwoStageOptions(ContrastiveOptions, ClassifierStageOptions):
     classifier_bn: bool = True  # ours: contrastive features make plain SGD diverge
 
 
-class TwoStageSC(Method):
+class TwoStageSC(FirstStageWarmStart, Method):
     """SC pre-training, then a linear classifier on frozen features."""
 
     Options = TwoStageOptions
