@@ -25,19 +25,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from longtail.config import Config, OptimConfig, reject_booleans_for_numbers
-from longtail.data import RunData
+from longtail.data import SAMPLERS, TRANSFORMS, RunData
 from longtail.models import PrototypeBank, build_backbone, build_classifier
 from longtail.registry import Registry
 
 Batches = Mapping[str, Any]
+#: Option types of a sampler's and an augmentation preset's name, checked against their
+#: registries when the options are validated.
+SamplerName = Annotated[str, AfterValidator(SAMPLERS.check)]
+TransformName = Annotated[str, AfterValidator(TRANSFORMS.check)]
 StepFn = Callable[[Batches, int], dict[str, Tensor]]
 Collect = Callable[[str, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor]]
 

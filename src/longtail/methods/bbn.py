@@ -21,8 +21,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from longtail.data import RunData
-from longtail.methods.base import Batches, Method, MethodOptions, Stage, register_method
-from longtail.methods.contrastive import SamplerName
+from longtail.methods.base import (
+    Batches,
+    Method,
+    MethodOptions,
+    SamplerName,
+    Stage,
+    register_method,
+)
 from longtail.methods.curriculum import CURRICULA, curriculum_alpha
 from longtail.models import build_backbone, build_classifier
 

@@ -29,11 +29,13 @@ from longtail.methods.base import (
     Batches,
     Method,
     MethodOptions,
+    SamplerName,
     Stage,
+    TransformName,
     full_precision,
     register_method,
 )
-from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
+from longtail.methods.contrastive import EmbeddingHealth
 from longtail.models import ProjectionMLP
 
 PAPER = "Zhu et al., Balanced Contrastive Learning for Long-Tailed Visual Recognition, CVPR 2022"

@@ -9,23 +9,21 @@ trained with cross-entropy (the hybrid paper's CE-CE ablation).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from longtail import parallel
 from longtail.config import Config, ModelConfig
-from longtail.data import SAMPLERS, TRANSFORMS, RunData
+from longtail.data import RunData
 from longtail.losses import mpsc_loss, psc_loss, sup_con_loss
-from longtail.methods.base import MethodOptions, full_precision
+from longtail.methods.base import MethodOptions, SamplerName, TransformName, full_precision
 from longtail.models import ProjectionMLP, PrototypeBank, build_classifier
 
-SamplerName = Annotated[str, AfterValidator(SAMPLERS.check)]
-TransformName = Annotated[str, AfterValidator(TRANSFORMS.check)]
 FeatureLoss = Literal["sc", "psc", "mpsc", "ce"]
 
 

@@ -20,9 +20,16 @@ from torch.utils.data import DataLoader
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.evaluation import topk_accuracy
-from longtail.methods.base import Batches, Collect, Method, MethodOptions, Stage, register_method
-from longtail.methods.contrastive import TransformName
-from longtail.methods.decoupled import (
+from longtail.methods.base import (
+    Batches,
+    Collect,
+    Method,
+    MethodOptions,
+    Stage,
+    TransformName,
+    register_method,
+)
+from longtail.methods.classifier_stage import (
     ClassifierStageOptions,
     FirstStageWarmStart,
     check_stage_lengths,

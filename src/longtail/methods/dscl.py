@@ -35,18 +35,20 @@ from longtail.methods.base import (
     Batches,
     Method,
     MethodOptions,
+    SamplerName,
     Stage,
+    TransformName,
     full_precision,
     register_method,
 )
-from longtail.methods.contrastive import EmbeddingHealth, SamplerName, TransformName
-from longtail.methods.decoupled import (
+from longtail.methods.classifier_stage import (
     ClassifierStageOptions,
     FirstStageWarmStart,
     check_stage_lengths,
     decoupled_stages,
     standardised_classifier,
 )
+from longtail.methods.contrastive import EmbeddingHealth
 from longtail.models import LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
 
 PAPER = "Xuan & Zhang, Decoupled Contrastive Learning for Long-Tailed Recognition, AAAI 2024"

@@ -36,11 +36,11 @@ from longtail.methods.base import (
     Batches,
     Method,
     MethodOptions,
+    SamplerName,
     Stage,
     full_precision,
     register_method,
 )
-from longtail.methods.contrastive import SamplerName
 
 
 class ReweightingOptions(MethodOptions):

@@ -15,14 +15,14 @@ from torch.utils.data import DataLoader
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.methods.base import Batches, Method, Stage, register_method
-from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
-from longtail.methods.decoupled import (
+from longtail.methods.classifier_stage import (
     ClassifierStageOptions,
     FirstStageWarmStart,
     check_stage_lengths,
     decoupled_stages,
     standardised_classifier,
 )
+from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
 from longtail.methods.hybrid import PAPER
 
 

@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 
 from longtail.config import Config
 from longtail.data import RunData
-from longtail.methods.base import Batches, Method, Stage, state_mismatch
-from longtail.methods.contrastive import SamplerName, TransformName
+from longtail.methods.base import Batches, Method, SamplerName, Stage, TransformName, state_mismatch
 
 
 class ClassifierStageOptions(BaseModel):
