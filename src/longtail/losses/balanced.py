@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from longtail.losses.contrastive import _check_features, _full_precision, _upcast
+from longtail.losses.common import check_features, full_precision, upcast
 
 #: Anchors per block: above it the loss is computed block by block, each block recomputed in
 #: backward, so memory is O(block x (N + C)) instead of O(N x (N + C)).
@@ -46,7 +46,7 @@ def balanced_contrastive_loss(
     Returns:
         Scalar mean of l_i over the N anchors; float64 for float64 inputs, float32 otherwise.
     """
-    _check_features(z, labels)
+    check_features(z, labels)
     if centres.dim() != 2 or centres.shape[1] != z.shape[1]:
         raise ValueError(f"centres must be (C, {z.shape[1]}), got {tuple(centres.shape)}")
     if temperature <= 0:
@@ -54,8 +54,8 @@ def balanced_contrastive_loss(
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
     num_classes = centres.shape[0]
-    with _full_precision(z.device):
-        z, centres = _upcast(z), _upcast(centres).to(z.dtype)
+    with full_precision(z.device):
+        z, centres = upcast(z), upcast(centres).to(z.dtype)
         labels = labels.long()
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes})")

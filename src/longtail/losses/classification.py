@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtail.losses.contrastive import _full_precision, _upcast
+from longtail.losses.common import full_precision, upcast
 
 
 def _check(logits: Tensor, labels: Tensor) -> None:
@@ -66,8 +66,8 @@ def focal_loss(
     _check(logits, labels)
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    with _full_precision(logits.device):
-        logits = _upcast(logits)
+    with full_precision(logits.device):
+        logits = upcast(logits)
         log_pt = F.log_softmax(logits, dim=1).gather(1, labels.long()[:, None]).squeeze(1)
         focus = (1 - log_pt.exp()).clamp(min=0) ** gamma if gamma else 1.0
         return _weighted_mean(-focus * log_pt, labels.long(), weight)
@@ -105,8 +105,8 @@ def ldam_loss(
         weight: (C,) optional class weights (DRW switches these on late in training).
     """
     _check(cosines, labels)
-    with _full_precision(cosines.device):
-        cosines = _upcast(cosines)
+    with full_precision(cosines.device):
+        cosines = upcast(cosines)
         labels = labels.long()
         shift = (
             F.one_hot(labels, cosines.shape[1]).to(cosines.dtype)
@@ -132,8 +132,8 @@ def logit_adjusted_loss(
         weight: (C,) optional class weights, as for :func:`weighted_cross_entropy`.
     """
     _check(logits, labels)
-    with _full_precision(logits.device):
-        logits = _upcast(logits)
+    with full_precision(logits.device):
+        logits = upcast(logits)
         adjusted = logits + tau * log_prior.to(logits)
         if weight is None:
             return F.cross_entropy(adjusted, labels.long())

@@ -13,11 +13,10 @@ compute in float32 or wider even under autocast (half inputs are upcast; the res
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
+
+from longtail.losses.common import check_features, full_precision, upcast
 
 __all__ = ["mpsc_loss", "psc_loss", "sup_con_loss"]
 
@@ -26,33 +25,6 @@ __all__ = ["mpsc_loss", "psc_loss", "sup_con_loss"]
 #: direct -> 24. Smaller blocks pay per-block threading overhead; larger ones barely gain while
 #: the working set (2 * b * N floats: 128 MB at N = 16,384) grows linearly.
 DEFAULT_BLOCK_SIZE = 1024
-
-
-@contextlib.contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
-    """Disables autocast on ``device`` so matmuls and exps are not done in half precision."""
-    is_available = getattr(torch.amp, "is_autocast_available", None)
-    if is_available is not None and not is_available(device.type):
-        yield
-        return
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """Returns ``x`` in float32 if it is a half type, else unchanged (float32/float64 kept)."""
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _check_features(z: Tensor, labels: Tensor) -> None:
-    if z.dim() != 2:
-        raise ValueError(f"z must be (N, d), got shape {tuple(z.shape)}")
-    if labels.shape != (z.shape[0],):
-        raise ValueError(f"labels must be ({z.shape[0]},), got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be integers, got {labels.dtype}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,13 +57,13 @@ def sup_con_loss(
         positives are not counted. If no anchor has a positive, a zero that is still connected
         to ``z`` in the graph. float64 for float64 inputs, float32 otherwise.
     """
-    _check_features(z, labels)
+    check_features(z, labels)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
-    with _full_precision(z.device):
-        z = _upcast(z)
+    with full_precision(z.device):
+        z = upcast(z)
         # Relabel to 0..K-1 so class sizes and class sums are plain bincount/index_add.
         _, cls = torch.unique(labels, return_inverse=True)
         n_pos = torch.bincount(cls)[cls] - 1  # |P(i)|
@@ -157,7 +129,7 @@ class _BlockwiseLogDenominator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, anchors: Tensor, inv_tau: float, block_size: int) -> Tensor:
         n, n_anchors = z.shape[0], anchors.numel()
-        with _full_precision(z.device):
+        with full_precision(z.device):
             lse = z.new_empty(n_anchors)
             buffer = z.new_empty(min(block_size, n_anchors), n)
             for start in range(0, n_anchors, block_size):
@@ -178,7 +150,7 @@ class _BlockwiseLogDenominator(torch.autograd.Function):
         z, anchors, lse = ctx.saved_tensors
         inv_tau, block_size = ctx.inv_tau, ctx.block_size
         n = z.shape[0]
-        with _full_precision(z.device):
+        with full_precision(z.device):
             # Per-row statistics over all N rows; non-anchors get g = 0 and lse = +inf so their
             # exp terms vanish instead of overflowing (0 * inf would be NaN).
             g_all = z.new_zeros(n).index_copy_(0, anchors, grad_lse.to(z.dtype))
@@ -204,7 +176,7 @@ class _BlockwiseLogDenominator(torch.autograd.Function):
 
 
 def _check_prototypes(z: Tensor, labels: Tensor, prototypes: Tensor) -> None:
-    _check_features(z, labels)
+    check_features(z, labels)
     if prototypes.shape[-1] != z.shape[1]:
         raise ValueError(
             f"prototype dim {prototypes.shape[-1]} does not match feature dim {z.shape[1]}"
@@ -235,8 +207,8 @@ def psc_loss(z: Tensor, labels: Tensor, prototypes: Tensor, temperature: float =
     if prototypes.dim() != 2:
         raise ValueError(f"prototypes must be (C, d), got shape {tuple(prototypes.shape)}")
     _check_prototypes(z, labels, prototypes)
-    with _full_precision(z.device):
-        z, prototypes = _upcast(z), _upcast(prototypes)
+    with full_precision(z.device):
+        z, prototypes = upcast(z), upcast(prototypes)
         labels = labels.long()
         logits = z @ prototypes.T / temperature  # (N, C)
         own_class = torch.arange(logits.shape[1], device=z.device) == labels[:, None]
@@ -269,8 +241,8 @@ def mpsc_loss(z: Tensor, labels: Tensor, prototypes: Tensor, temperature: float 
     if prototypes.dim() != 3:
         raise ValueError(f"prototypes must be (C, M, d) or (C, d), got {tuple(prototypes.shape)}")
     _check_prototypes(z, labels, prototypes)
-    with _full_precision(z.device):
-        z, prototypes = _upcast(z), _upcast(prototypes)
+    with full_precision(z.device):
+        z, prototypes = upcast(z), upcast(prototypes)
         labels = labels.long()
         n_classes, per_class, dim = prototypes.shape
         logits = (z @ prototypes.reshape(-1, dim).T / temperature).view(-1, n_classes, per_class)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longtail.losses.contrastive import _check_features, _full_precision, _upcast
+from longtail.losses.common import check_features, full_precision, upcast
 
 EMPTY = -1  #: label of a queue slot that holds no key yet
 
@@ -47,7 +47,7 @@ def decoupled_contrastive_loss(
     Returns:
         Scalar mean of l_i over the B anchors; float64 for float64 inputs, float32 otherwise.
     """
-    _check_features(q, labels)
+    check_features(q, labels)
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     _check_queue(queue, queue_labels, q.shape[1])
@@ -55,8 +55,8 @@ def decoupled_contrastive_loss(
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    with _full_precision(q.device):
-        q, k, queue = _upcast(q), _upcast(k).to(q.dtype), _upcast(queue).to(q.dtype)
+    with full_precision(q.device):
+        q, k, queue = upcast(q), upcast(k).to(q.dtype), upcast(queue).to(q.dtype)
         labels, queue_labels = labels.long(), queue_labels.long()
         b = q.shape[0]
         targets = torch.cat([q, k, queue])

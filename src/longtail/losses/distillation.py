@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtail.losses.contrastive import _full_precision, _upcast
+from longtail.losses.common import full_precision, upcast
 from longtail.losses.decoupled import EMPTY, _check_queue
 
 
@@ -52,9 +52,9 @@ def pbsd_loss(
     _check_queue(queue, queue_labels, d)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    with _full_precision(student.device):
-        student = _upcast(student)
-        teacher, keys = _upcast(teacher).to(student.dtype), _upcast(keys).to(student.dtype)
+    with full_precision(student.device):
+        student = upcast(student)
+        teacher, keys = upcast(teacher).to(student.dtype), upcast(keys).to(student.dtype)
         filled = queue[queue_labels != EMPTY].to(student.dtype)
 
         def logits(x: Tensor) -> Tensor:
