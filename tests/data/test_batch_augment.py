@@ -13,7 +13,8 @@ from PIL import Image
 
 from longtail.config import DataConfig
 from longtail.data import ArraySource, RunData, build_sampler, build_transform
-from longtail.data.batch_augment import DeviceLoader, Draw, _apply, pad_crop
+from longtail.data.batch_augment import Draw, _apply, pad_crop
+from longtail.data.pipeline import DeviceLoader
 from longtail.data.transforms import batch_preset
 
 MEAN, STD = (0.0,), (1.0,)

@@ -6,19 +6,20 @@ augmentation presets); it knows nothing of any method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as v2f
 
 from longtail import parallel
 from longtail.config import DataConfig
-from longtail.data.batch_augment import DeviceLoader
-from longtail.data.dataset import EpochKeys, LTDataset
+from longtail.data.batch_augment import BatchPreset, Draw
+from longtail.data.dataset import EpochKeys, LTDataset, item_seed
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import ArraySource, FileSource, Source, load_source
@@ -320,3 +321,68 @@ def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(to_device(v, device, channels_last) for v in x)
     return x
+
+
+class DeviceLoader:
+    """Batches of images already on the device, augmented there; a DataLoader's stand-in.
+
+    Yields ``(x, labels, indices)`` like the per-image loaders (x a list with one tensor per
+    view for a multi-view loader), with the same sampler, sharded the same way.
+
+    Args:
+        images: (N, C, H, W) uint8 images of the (long-tailed) training set, on the device.
+        labels: (N,) labels on the device.
+        sampler: An epoch sampler (indices) or k-per-class batch sampler (lists).
+        batch_size: Images per process per step.
+        global_batch: Images per step over all processes.
+        rank: This process's rank.
+        presets: One batched preset, or several for a multi-view batch.
+        seed: Seed of the augmentation draws.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        sampler: Any,
+        batch_size: int,
+        global_batch: int,
+        rank: int,
+        presets: BatchPreset | list[BatchPreset],
+        seed: int,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.sampler, self.batch_size, self.global_batch = sampler, batch_size, global_batch
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.presets, self.seed = presets, seed
+        self.batched = isinstance(sampler, KPerClassBatchSampler)  # yields lists, not indices
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) if self.batched else len(self.sampler) // self.batch_size
+
+    def _batches(self) -> Iterator[Tensor]:
+        order = list(self.sampler)
+        if self.batched:
+            for batch in order:
+                yield torch.as_tensor(batch)
+            return
+        flat = torch.as_tensor(order)
+        for b in range(len(self)):
+            yield flat[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
+        epoch, device = self.sampler.epoch, self.images.device
+        views = self.presets if isinstance(self.presets, list) else [self.presets]
+        for b, idx in enumerate(self._batches()):
+            on_device = idx.to(device)
+            x = self.images[on_device]
+            out = []
+            for v, preset in enumerate(views):
+                g = torch.Generator(device=device)
+                g.manual_seed(item_seed(self.seed, epoch, b * 64 + v))
+                out.append(preset(x, Draw(g, self.global_batch, self.rows)))
+            images = out if isinstance(self.presets, list) else out[0]
+            yield images, self.labels[on_device], idx
