@@ -239,3 +239,56 @@ def test_torchrun_with_a_batch_that_does_not_split_says_so_once(tmp_path):
         "processes; use a multiple of 2"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+# Rank 1 alone receives SIGTERM as its 2nd step of epoch 2 starts (step index 1); the ranks
+# ask each other only at step indices that are multiples of log_every (2): both stop after
+# step index 2, 3 steps done.
+SIGTERM_ONE_RANK = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[3])
+    from longtail.methods import METHODS
+    cls = METHODS.get("ce")
+    step, seen = cls.training_step, {}
+    def term(self, b, e):
+        seen[e] = seen.get(e, 0) + 1
+        if os.environ["RANK"] == "1" and (e, seen[e]) == (1, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, b, e)
+    cls.training_step = term
+    sys.argv = ["longtail", "train", "--config", sys.argv[1], "--out", sys.argv[2],
+                "--no-progress"]
+    from longtail.entry import main
+    main()
+    """
+)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(tmp_path):
+    import yaml
+
+    root = make_fashion_mnist(tmp_path / "fm")
+    raw = tiny_config(root, train={"epochs": 3, "batch_size": 8, "log_every": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+    def longtail(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "longtail", *args, "--no-progress"]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    full = longtail("train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "run"
+    done = _torchrun(tmp_path, SIGTERM_ONE_RANK, str(tmp_path / "c.yaml"), str(out), str(SRC))
+    assert done.returncode != 0
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["partial"]["epoch"] == 1 and ckpt["partial"]["step"] == 3
+    assert "stopped by SIGTERM in epoch 2 after step 3" in done.stderr
+    resumed = longtail("train", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:  # the same two processes, the same steps: the same weights
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from longtail import parallel
 from longtail.config import Config, OptimConfig, TrainConfig
 from longtail.data import RunData, set_loader_epoch, to_device
 from longtail.engine import distributed
@@ -231,10 +232,10 @@ def train_one_epoch(
     train_cfg: TrainConfig,
     bar: ProgressBar,
     carry: dict[str, Any] | None = None,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> dict[str, Any]:
     """One pass over the shortest of ``loaders``; returns the epoch's record (no evaluation),
-    or, when ``stop()`` turns true after a step, ``{"preempted": {...}}``: the steps done and
+    or, when ``stop(step)`` turns true after a step, ``{"preempted": {...}}``: the steps done and
     the sums so far, from which ``carry`` continues the epoch exactly.
 
     Args:
@@ -283,7 +284,7 @@ def train_one_epoch(
         if logged:
             guard.check(epoch)
         bar.advance(f"loss {float(terms['loss'].detach()):.4f}" if logged else "")
-        if stop is not None and step < steps - 1 and stop():
+        if stop is not None and step < steps - 1 and stop(step):
             guard.check(epoch)
             return {"preempted": tally.carry(step + 1, steps)}
     guard.check(epoch)
@@ -371,19 +372,26 @@ class Preempted(LongtailError):
 
 
 @contextlib.contextmanager
-def preemption() -> Iterator[Callable[[], bool]]:
+def preemption(every: int = 1) -> Iterator[Callable[[int], bool]]:
     """While training: SIGTERM only asks to stop after the current step. Yields
-    ``stop()``, true on every process once any of them has been asked."""
+    ``stop(step)``, true once the process has been asked; under torchrun it asks the others
+    (a collective) only every ``every`` steps, so that all stop at the same step without a
+    collective per step."""
     asked = {"stop": False}
 
     def handler(signum: int, frame: Any) -> None:
         asked["stop"] = True
 
+    def stop(step: int) -> bool:
+        if not parallel.is_distributed():
+            return asked["stop"]
+        return step % every == 0 and distributed.any_process(asked["stop"])
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield lambda: distributed.any_process(asked["stop"])
+        yield stop
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -490,7 +498,7 @@ class Trainer:
         self.model: nn.Module = method
 
     def run(self) -> None:
-        with preemption() as stop, contextlib.ExitStack() as closing:
+        with preemption(self.cfg.train.log_every) as stop, contextlib.ExitStack() as closing:
             closing.callback(self.bar.close)
             if self.log is not None:
                 closing.callback(self.log.close)
@@ -519,7 +527,7 @@ class Trainer:
         self.stage_idx = idx
 
     def train_epoch(
-        self, epoch: int, stage: Stage, stage_epoch: int, stop: Callable[[], bool]
+        self, epoch: int, stage: Stage, stage_epoch: int, stop: Callable[[int], bool]
     ) -> dict[str, Any]:
         method, ckpt = self.method, self.ckpt
         method.on_epoch_start(epoch)
