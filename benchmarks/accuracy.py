@@ -30,7 +30,7 @@ from longtail.config import config_from_dict, deep_merge, load_config, parse_ove
 from longtail.methods import METHODS
 
 # the papers' views for bcl: AutoAugment(CIFAR10) + Cutout for the classifier, SimCLR's crops
-BCL_PAPER_VIEWS = {"cls_transform": "strong", "con_transforms": ["simclr", "simclr"]}
+BCL_PAPER_VIEWS = {"classifier_transform": "strong", "con_transforms": ["simclr", "simclr"]}
 
 # name in the table -> (recipe file under configs/<dataset>/, method overrides[, overrides of
 # other sections, applied after the schedule is scaled])
@@ -51,10 +51,10 @@ ENTRIES: dict[str, tuple] = {
     # contrastive term (its logit-adjusted cosine classifier on the strong view alone), the
     # weak view for the classifier, and both.
     "bcl-no-con": ("bcl-r100.yaml", {**BCL_PAPER_VIEWS, "bcl_weight": 0.0}),
-    "bcl-weak-cls": ("bcl-r100.yaml", {**BCL_PAPER_VIEWS, "cls_transform": "crop-flip"}),
+    "bcl-weak-cls": ("bcl-r100.yaml", {**BCL_PAPER_VIEWS, "classifier_transform": "crop-flip"}),
     "bcl-no-con-weak-cls": (
         "bcl-r100.yaml",
-        {**BCL_PAPER_VIEWS, "bcl_weight": 0.0, "cls_transform": "crop-flip"},
+        {**BCL_PAPER_VIEWS, "bcl_weight": 0.0, "classifier_transform": "crop-flip"},
     ),
     # At 10 epochs (about 1,200 steps) an EMA of 0.999 leaves the key encoder 31% at its
     # initialisation: 0.99 (a time constant of 100 steps). The queue is the recipe's 4,096

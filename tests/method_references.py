@@ -250,7 +250,11 @@ def _contrastive_loader(m) -> tuple[str, int, int]:
 def _hybrid_loaders(m):
     o, b = m.opts, m.cfg.train.batch_size
     return _per_epoch(
-        m, {"con": _contrastive_loader(m), "cls": (o.cls_sampler, o.cls_batch_size or b, 1)}
+        m,
+        {
+            "con": _contrastive_loader(m),
+            "cls": (o.classifier_sampler, o.classifier_batch_size or b, 1),
+        },
     )
 
 

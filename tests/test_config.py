@@ -45,7 +45,7 @@ def test_overrides_are_parsed_as_yaml():
     assert (
         full["temperature"] == 0.2
         and full["loss"] == "sc"
-        and full["cls_sampler"] == "class-balanced"
+        and full["classifier_sampler"] == "class-balanced"
     )
 
 
@@ -140,3 +140,30 @@ def test_epochs_flag_trains_the_scaled_recipe(tiny_fmnist, tmp_path, monkeypatch
     assert "method.reweight_epoch: 160 -> 1" in out and "warning" not in err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["optim"]["milestones"] == [1]
+
+
+def test_the_classifier_options_old_names_are_still_read(tiny_fmnist):
+    """cls_sampler / cls_batch_size / cls_transform became classifier_* (one word for the
+    classifier's data in every method); configs, runs and checkpoints with the old names load."""
+    import torch
+
+    from conftest import tiny_config
+    from longtail.build import build_data, build_method
+    from longtail.config import config_from_dict
+    from longtail.runs import check_checkpoint
+
+    old = {"name": "hybrid-sc", "cls_sampler": "sqrt", "cls_batch_size": 8,
+           "cls_transform": "crop-flip"}  # fmt: skip
+    cfg = validate(config_from_dict(tiny_config(tiny_fmnist, method=old)))
+    assert {k: cfg.method[k] for k in ("classifier_sampler", "classifier_batch_size",
+                                       "classifier_transform")} == {  # fmt: skip
+        "classifier_sampler": "sqrt", "classifier_batch_size": 8,
+        "classifier_transform": "crop-flip"}  # fmt: skip
+    assert not any(k.startswith("cls_") for k in cfg.method)  # saved with the new names
+    method = build_method(cfg, build_data(cfg))
+    saved = cfg.model_dump(mode="json")
+    saved["method"] = {**{k: v for k, v in saved["method"].items()
+                          if not k.startswith("classifier_")}, **old}  # fmt: skip
+    ckpt = {"model": method.state_dict(), "epoch": 0, "config": saved}
+    check_checkpoint(ckpt, cfg, Path("last.pt"), method)  # an earlier version's checkpoint
+    assert torch.equal(next(iter(method.state_dict().values())), next(iter(ckpt["model"].values())))

@@ -286,6 +286,15 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _as_written_now(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version as this one writes it (renamed options under
+    their new names, new defaults filled in); as it is where it no longer validates."""
+    try:
+        return validate(config_from_dict(raw)).model_dump(mode="json")
+    except LongtailError:
+        return raw
+
+
 def check_checkpoint(
     ckpt: dict[str, Any], cfg: Config, path: Path, method: Method, may_differ: Iterable[str] = ()
 ) -> None:
@@ -295,6 +304,7 @@ def check_checkpoint(
         raise LongtailError(f"{shown(path)} is not a longtail checkpoint")
     saved = ckpt.get("config")
     if isinstance(saved, dict):
+        saved = _as_written_now(saved)
         a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
         differ = sorted(
             k

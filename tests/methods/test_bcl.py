@@ -35,7 +35,7 @@ def test_defaults_are_the_papers_cifar_recipe(tiny_fmnist):
     assert float(method.classifier.scale) == 30.0
     o = method.opts
     assert (o.ce_weight, o.bcl_weight, o.temperature, o.logit_adjust_tau) == (2.0, 0.6, 0.1, 1.0)
-    assert [o.cls_transform, *o.con_transforms] == ["strong", "simclr", "simclr"]
+    assert [o.classifier_transform, *o.con_transforms] == ["strong", "simclr", "simclr"]
     with pytest.raises(UsageError, match="cosine classifier"):
         validate(config_from_dict(tiny_config(tiny_fmnist, method={"name": "bcl"},
                                               model={"classifier": "linear"})))  # fmt: skip

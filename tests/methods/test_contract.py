@@ -33,8 +33,8 @@ def method_section(name: str, val_split: bool = True, **extra) -> dict:
     section = short_run_options(name, 8, val_split=val_split)
     if "temperature" in fields:
         section["temperature"] = 0.5
-    if "cls_transform" in fields:
-        section["cls_transform"] = "hybrid"
+    if "classifier_transform" in fields:
+        section["classifier_transform"] = "hybrid"
     if "con_transforms" in fields:
         section["con_transforms"] = ["hybrid-jitter", "hybrid"]
     if "classifier_epochs" in fields:
@@ -282,7 +282,7 @@ def test_branches_use_their_configured_samplers(tiny_fmnist):
         {"cls": "class-balanced"},
     ]
     # ... and whatever the config says instead.
-    hybrid = {"name": "hybrid-sc", "con_sampler": "sqrt", "cls_sampler": "reversed"}
+    hybrid = {"name": "hybrid-sc", "con_sampler": "sqrt", "classifier_sampler": "reversed"}
     assert samplers(hybrid) == [{"con": "sqrt", "cls": "reversed"}]
     assert samplers({"name": "ce"}, sampler="progressive") == [{"cls": "progressive"}]
     two = {

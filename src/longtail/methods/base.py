@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    ValidationInfo,
+    field_validator,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -49,6 +56,12 @@ Collect = Callable[[str, Callable[[Tensor], Tensor]], tuple[Tensor, Tensor]]
 def full_precision(x: Tensor) -> Tensor:
     """``x`` in float32 if it is half precision (autocast), else unchanged: float64 stays."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def was(name: str) -> AliasChoices:
+    """Accept ``classifier_<name>`` and its name before 0.2, ``cls_<name>`` (old configs and
+    runs keep loading; configs are saved with the new name)."""
+    return AliasChoices(f"classifier_{name}", f"cls_{name}")
 
 
 class MethodOptions(BaseModel):

@@ -34,6 +34,7 @@ from longtail.methods.base import (
     TransformName,
     full_precision,
     register_method,
+    was,
 )
 from longtail.methods.contrastive import EmbeddingHealth
 from longtail.models import ProjectionMLP
@@ -49,7 +50,8 @@ class BCLOptions(MethodOptions):
     temperature: float = Field(0.1, gt=0)  # tau of the balanced contrastive loss
     logit_adjust_tau: float = Field(1.0, ge=0)  # tau_LA of the training-time logit adjustment
     sampler: SamplerName = "instance"
-    cls_transform: TransformName = "strong"  # the classifier's view
+    # the classifier's view (cls_transform before 0.2, still read)
+    classifier_transform: TransformName = Field("strong", validation_alias=was("transform"))
     con_transforms: list[TransformName] = Field(
         default_factory=lambda: ["simclr", "simclr"], min_length=2, max_length=2
     )
@@ -86,7 +88,7 @@ class BCL(Method):
         loader = data.train_loader(
             sampler=o.sampler,
             batch_size=t.batch_size,
-            transforms=[o.cls_transform, *o.con_transforms],
+            transforms=[o.classifier_transform, *o.con_transforms],
             total_epochs=t.epochs,
         )
         return {"views": loader}

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from longtail.data import RunData
-from longtail.methods.base import Batches, Method, Stage, register_method
+from longtail.methods.base import Batches, Method, Stage, register_method, was
 from longtail.methods.contrastive import (
     ContrastiveOptions,
     FeatureBranch,
@@ -45,9 +45,11 @@ class HybridOptions(ContrastiveOptions):
 
     curriculum: Annotated[str, AfterValidator(CURRICULA.check)] = "parabolic"
     alpha: float = Field(0.5, ge=0, le=1)  # the constant curriculum's value
-    cls_sampler: SamplerName = "class-balanced"  # classifier branch sampler
-    cls_batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
-    cls_transform: TransformName = "hybrid"
+    # The classifier branch's batches (before 0.2: cls_sampler, cls_batch_size, cls_transform,
+    # still read).
+    classifier_sampler: SamplerName = Field("class-balanced", validation_alias=was("sampler"))
+    classifier_batch_size: int | None = Field(None, ge=1, validation_alias=was("batch_size"))
+    classifier_transform: TransformName = Field("hybrid", validation_alias=was("transform"))
 
 
 class Hybrid(Method):
@@ -68,9 +70,9 @@ class Hybrid(Method):
         return {
             "con": contrastive_loader(data, o, self.cfg),
             "cls": data.train_loader(
-                sampler=o.cls_sampler,
-                batch_size=o.cls_batch_size or t.batch_size,
-                transforms=o.cls_transform,
+                sampler=o.classifier_sampler,
+                batch_size=o.classifier_batch_size or t.batch_size,
+                transforms=o.classifier_transform,
                 total_epochs=t.epochs,
             ),
         }
