@@ -459,8 +459,9 @@ def fit(
         cfg: The validated config.
         out: The run directory (exists; checkpoints and metrics go here).
         device: Training device.
-        ckpt: A checkpoint to continue from (its epoch is the last finished one; with
-            ``partial``, the epoch after it continues from where a SIGTERM stopped it).
+        ckpt: A checkpoint to continue from, whose weights ``method`` already holds (as
+            :func:`longtail.runs.check_checkpoint` leaves them); its epoch is the last finished
+            one (with ``partial``, the epoch after it continues where a SIGTERM stopped it).
         progress: Show a progress bar (default: when stderr is a terminal).
     """
     Trainer(method, data, cfg, out, device, ckpt, progress).run()
@@ -485,8 +486,8 @@ class Trainer:
         self.stages = method.stages()
         self.total = sum(s.epochs for s in self.stages)
         self.start, self.best = 0, None
-        if ckpt is not None:
-            _restore(method, ckpt)
+        if ckpt is not None:  # its weights are the method's already (checked and loaded)
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
             self.start, self.best = ckpt["epoch"] + 1, ckpt.get("best")
         self.main = distributed.is_main()
         self.log = MetricsLog(out) if self.main else None
