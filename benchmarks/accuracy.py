@@ -24,10 +24,10 @@ from pathlib import Path
 
 from provenance import commit, hardware, imbalance_ratio
 
-from longtail.api import train
 from longtail.build import scale_epochs
 from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
 from longtail.methods import METHODS
+from longtail.runs.train import train
 
 # the papers' views for bcl: AutoAugment(CIFAR10) + Cutout for the classifier, SimCLR's crops
 BCL_PAPER_VIEWS = {"classifier_transform": "strong", "con_transforms": ["simclr", "simclr"]}

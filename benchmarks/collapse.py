@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 from provenance import commit, hardware
 
-from longtail.api import train
 from longtail.config import load_config
 from longtail.data import load_source, long_tail_indices
+from longtail.runs.train import train
 
 VARIANTS = {
     "paper head (Linear-ReLU-Linear)": [],

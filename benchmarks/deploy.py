@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from longtail.deploy import export_run, predict_images
+from longtail.runs.deploy import export_run, predict_images
 
 
 def _card_inputs(card: dict, paths: list[Path]) -> np.ndarray:

@@ -28,12 +28,10 @@ LAYERS = {
     "longtail.engine": 4,
     "longtail.build": 5,
     "longtail.runs": 6,
-    "longtail.reporting": 7,
-    "longtail.api": 8,
-    "longtail.deploy": 8,
-    "longtail.cli": 9,
-    "longtail.entry": 10,
-    "longtail.__main__": 11,
+    "longtail.api": 7,
+    "longtail.cli": 7,
+    "longtail.entry": 8,
+    "longtail.__main__": 9,
 }
 
 

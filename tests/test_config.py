@@ -150,7 +150,7 @@ def test_the_classifier_options_old_names_are_still_read(tiny_fmnist):
     from conftest import tiny_config
     from longtail.build import build_data, build_method
     from longtail.config import config_from_dict
-    from longtail.runs import check_checkpoint
+    from longtail.runs.read import check_checkpoint
 
     old = {"name": "hybrid-sc", "cls_sampler": "sqrt", "cls_batch_size": 8,
            "cls_transform": "crop-flip"}  # fmt: skip

@@ -19,10 +19,10 @@ from PIL import Image
 from conftest import PATTERNS, folder_config
 from longtail import api
 from longtail.config import config_from_dict
-from longtail.deploy import export_run, predict_images
 from longtail.errors import DataError, UsageError
 from longtail.evaluation.report import PLOTS
-from longtail.reporting import compare_row, format_table, pca_2d, stratified_sample
+from longtail.runs.deploy import export_run, predict_images
+from longtail.runs.report import compare_row, format_table, pca_2d, stratified_sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -394,7 +394,8 @@ def test_evaluate_refuses_a_run_that_is_training(trained, tmp_path):
 def test_evaluate_in_a_read_only_run_still_gives_its_result(trained, monkeypatch, capsys):
     import errno
 
-    from longtail import cli, runs
+    from longtail import cli
+    from longtail.runs import read as runs
 
     def read_only(path, data):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -411,7 +412,9 @@ def test_evaluate_in_a_read_only_run_still_gives_its_result(trained, monkeypatch
 def test_report_and_export_in_a_read_only_run_are_one_line(trained, monkeypatch, capsys):
     import errno
 
-    from longtail import cli, deploy, reporting
+    from longtail import cli
+    from longtail.runs import deploy
+    from longtail.runs import report as reporting
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

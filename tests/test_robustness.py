@@ -580,7 +580,7 @@ def test_a_full_disk_while_the_report_is_written_keeps_the_run_and_says_so(
 ):
     import errno
 
-    from longtail import reporting
+    from longtail.runs import report as reporting
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")

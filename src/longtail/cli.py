@@ -17,8 +17,6 @@ import typer
 from pydantic import ValidationError
 
 from longtail import jsonio
-from longtail.api import evaluate_run
-from longtail.api import train as run_training
 from longtail.build import build_data, scale_epochs
 from longtail.config import Config, DataConfig, format_validation_error, load_config
 from longtail.data import (
@@ -30,21 +28,22 @@ from longtail.data import (
     load_source,
 )
 from longtail.data import download as download_dataset
-from longtail.deploy import (
-    EXPORT_FORMATS,
-    check_output,
-    export_run,
-    predict_images,
-    write_predictions_csv,
-)
 from longtail.engine import distributed
 from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import Preempted
 from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.methods import METHODS
-from longtail.reporting import compare_row, format_table, report_run
-from longtail.runs import skipped_links_warning
+from longtail.runs.deploy import (
+    EXPORT_FORMATS,
+    check_output,
+    export_run,
+    predict_images,
+    write_predictions_csv,
+)
+from longtail.runs.read import evaluate_run, skipped_links_warning
+from longtail.runs.report import compare_row, format_table, report_run
+from longtail.runs.train import train as run_training
 
 
 class Interrupted(LongtailError):

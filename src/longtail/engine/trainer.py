@@ -460,7 +460,7 @@ def fit(
         out: The run directory (exists; checkpoints and metrics go here).
         device: Training device.
         ckpt: A checkpoint to continue from, whose weights ``method`` already holds (as
-            :func:`longtail.runs.check_checkpoint` leaves them); its epoch is the last finished
+            :func:`longtail.runs.read.check_checkpoint` leaves them); its epoch is the last finished
             one (with ``partial``, the epoch after it continues where a SIGTERM stopped it).
         progress: Show a progress bar (default: when stderr is a terminal).
     """

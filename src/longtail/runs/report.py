@@ -25,7 +25,7 @@ from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
 from longtail.evaluation.report import ReportInput, write_report
 from longtail.methods import Method
-from longtail.runs import config_device, evaluate_run, load_method, read_run_config
+from longtail.runs.read import config_device, evaluate_run, load_method, read_run_config
 
 # Test images whose features the embedding plot shows (stratified over classes).
 EMBEDDING_POINTS = 2000

@@ -26,7 +26,7 @@ from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
 from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
-from longtail.runs import RunInfo, load_run
+from longtail.runs.read import RunInfo, load_run
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
