@@ -299,7 +299,7 @@ def _bcl_step(m, data, batches, epoch):
 
 
 def _bcl_loaders(m):
-    return _per_epoch(m, {"views": (m.opts.sampler, m.cfg.train.batch_size, 3)})
+    return _per_epoch(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 3)})
 
 
 # DSCL + PBSD (Xuan & Zhang 2024) --------------------------------------------------------------
@@ -375,7 +375,7 @@ def _dscl_step(m, data, batches, epoch):
 
 
 def _dscl_loaders(m):
-    return _two_stage_loaders(m, {"views": (m.opts.sampler, m.cfg.train.batch_size, 2)})
+    return _two_stage_loaders(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 2)})
 
 
 # BBN (Zhou et al. 2020) -----------------------------------------------------------------------

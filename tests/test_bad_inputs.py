@@ -203,7 +203,7 @@ CASES = [
          ["model.classifier_options", "foo"]),
     Case("sampler", "an unknown sampler", ["train", "--set", "train.sampler=fancy"], 2,
          ["train.sampler", "class-balanced"]),
-    Case("transform", "an unknown augmentation preset",
+    Case("transform", "an unknown transform",
          ["train", "--set", "train.transform=blur"], 2, ["train.transform", "crop-flip"]),
     Case("dataset", "an unknown dataset", ["train", "--set", "data.dataset=mnist"], 2,
          ["data.dataset", "fashion-mnist"]),

@@ -7,6 +7,7 @@ import yaml
 from longtail.build import validate
 from longtail.config import Config, load_config, parse_overrides
 from longtail.errors import UsageError
+from longtail.methods import METHODS
 
 CONFIGS = sorted(
     p
@@ -167,3 +168,31 @@ def test_the_classifier_options_old_names_are_still_read(tiny_fmnist):
     ckpt = {"model": method.state_dict(), "epoch": 0, "config": saved}
     check_checkpoint(ckpt, cfg, Path("last.pt"), method)  # an earlier version's checkpoint
     assert torch.equal(next(iter(method.state_dict().values())), next(iter(ckpt["model"].values())))
+
+
+MOVED = [
+    (name, option, key)
+    for name in METHODS.names()
+    for option, key in METHODS.get(name).Options.moved.items()
+]
+
+
+def test_some_method_option_has_moved():
+    assert MOVED  # the parametrised test below is not empty
+
+
+@pytest.mark.parametrize(("name", "option", "key"), MOVED)
+def test_a_moved_method_option_is_read_into_its_config_key(tiny_fmnist, name, option, key):
+    """A method option that became a config key (bcl's ``sampler`` is ``train.sampler``, one
+    place for a single-branch method's sampler) still loads from earlier configs and runs."""
+    from conftest import tiny_config
+    from longtail.config import config_from_dict
+
+    section, field = key.split(".")
+    raw = tiny_config(tiny_fmnist, method={"name": name, option: "sqrt"})
+    raw["train"]["epochs"] = 20  # room for a classifier stage
+    cfg = validate(config_from_dict(raw))
+    assert getattr(getattr(cfg, section), field) == "sqrt" and option not in cfg.method
+    raw[section][field] = "class-balanced"  # both set, and they differ: say which to keep
+    with pytest.raises(UsageError, match=f"method.{option}' is now '{key}'"):
+        validate(config_from_dict(raw))

@@ -12,6 +12,7 @@ from longtail.engine import trainer
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.errors import UsageError
 from longtail.methods import METHODS
+from longtail.models import layer_depths
 
 
 def _read_metrics(run):
@@ -225,6 +226,23 @@ def test_parameter_groups_lower_the_backbone_lr_and_exempt_norms_biases_and_prot
         free = p.ndim <= 1 or name.startswith("features.prototypes.")
         assert g["weight_decay"] == (0.0 if free else 5e-4), name
     assert any(n.startswith("features.prototypes.") for n, _ in method.named_parameters())
+
+
+def test_layer_decay_scales_each_backbone_depth_below_the_last(tiny_fmnist):
+    """With layer_decay d, backbone depth i of L trains at backbone_lr_scale * d^(L-1-i) of
+    the lr; the heads at the lr."""
+    method, opt = _optimizer(tiny_fmnist, backbone_lr_scale=0.5, layer_decay=0.25, lr=0.2)
+    depths, count = layer_depths(method.backbone)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in method.named_parameters():
+        want = 1.0
+        if name.startswith("backbone."):
+            want = 0.5 * 0.25 ** (count - 1 - depths[name.removeprefix("backbone.")])
+        seen.add(want)
+        assert by_param[id(p)]["lr_scale"] == pytest.approx(want), name
+        assert by_param[id(p)]["lr"] == pytest.approx(0.2 * want), name
+    assert len(seen) == count + 1  # every depth its own lr, and the heads
 
 
 def test_each_group_follows_the_schedule_times_its_scale(tiny_fmnist, tmp_path, monkeypatch):

@@ -57,6 +57,7 @@ def validate(cfg: Config) -> Config:
     """
     with config_key("method.name"):
         method_cls = METHODS.get(cfg.method_name)
+    cfg = _moved_options(cfg, method_cls.Options.moved)
     options = method_options(cfg.method_name, cfg.method_options)
     if cfg.model.classifier is None:  # the method's own classifier, its options under ours
         name, defaults = method_cls.default_classifier_for(options)
@@ -82,6 +83,27 @@ def validate(cfg: Config) -> Config:
         method_cls.check_config(cfg, options)
     method = {"name": cfg.method_name, **options.model_dump(mode="json")}
     return cfg.model_copy(update={"method": method})
+
+
+def _moved_options(cfg: Config, moved: Mapping[str, str]) -> Config:
+    """``cfg`` with method options that became config keys (``moved``: option -> key) moved
+    there, so earlier configs and runs still load; an error where both are set and differ."""
+    given = cfg.method_options
+    for option, key in moved.items():
+        if option not in given:
+            continue
+        value = given.pop(option)
+        section_name, field = key.split(".")
+        section = getattr(cfg, section_name)
+        now, default = getattr(section, field), type(section).model_fields[field].default
+        if now not in (value, default):
+            raise UsageError(
+                f"config key 'method.{option}' is now {key!r} and both are set ({value!r}, "
+                f"{now!r}): set only {key}"
+            )
+        update = {section_name: section.model_copy(update={field: value})}
+        cfg = cfg.model_copy(update={**update, "method": {"name": cfg.method_name, **given}})
+    return cfg
 
 
 def _check_classifier_options(cfg: Config) -> None:

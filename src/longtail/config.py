@@ -63,7 +63,7 @@ class DataConfig(_Strict):
     val_split: str | None = None  # a split of the dataset used for "best" selection
     num_workers: int = Field(0, ge=0)  # loader processes; 0 loads in the training process
     # Keep the training images on the training device and augment whole batches there when
-    # they fit (in-memory sets, folders up to fast_path_max_images) and every preset has a
+    # they fit (in-memory sets, folders up to fast_path_max_images) and every transform has a
     # batched form; false: per-image loaders always.
     fast_path: bool = True
     fast_path_max_images: int = Field(200_000, ge=0)
@@ -102,6 +102,9 @@ class OptimConfig(_Strict):
     # and no weight decay on biases, normalisation layers and the method's learnable centres
     # or prototypes (timm's rule for fine-tuning; off reproduces the papers).
     backbone_lr_scale: float = Field(1.0, ge=0)
+    # Layer-wise lr decay: each backbone depth nearer the input (stem, stages or blocks)
+    # trains at this factor times the lr of the one after it; 1 = off.
+    layer_decay: float = Field(1.0, gt=0, le=1)
     decay_exempt: bool = False
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [160, 180])  # epochs
@@ -124,7 +127,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)  # images per step of the (first) branch
     sampler: str = "instance"
-    transform: str = "crop-flip"  # augmentation preset for training
+    transform: str = "crop-flip"  # transform for training
     test_transform: str = "test"
     eval_every: int = Field(0, ge=0)  # epochs between test evaluations; 0 = only the last
     device: str = "auto"  # auto, cpu, cuda, cuda:N

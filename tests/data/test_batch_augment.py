@@ -1,5 +1,5 @@
 """The fast data path: batched augmentation with per-image parameters, matching the per-image
-presets in distribution."""
+transforms in distribution."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from longtail.config import DataConfig
 from longtail.data import ArraySource, RunData, build_sampler, build_transform
 from longtail.data.batch_augment import Draw, _apply, pad_crop
 from longtail.data.pipeline import DeviceLoader
-from longtail.data.transforms import batch_preset
+from longtail.data.transforms import batched_transform
 
 MEAN, STD = (0.0,), (1.0,)
 
@@ -42,10 +42,10 @@ def _moves(out: torch.Tensor, where: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rows - where[:, 0], dx, flipped
 
 
-def test_pad_crop_and_flip_match_the_per_image_preset_in_distribution():
+def test_pad_crop_and_flip_match_the_per_image_transform_in_distribution():
     n, size = 4000, SIZE
     images, where = _dots(n)
-    batched = batch_preset("crop-flip", size, 1, MEAN, STD, torch.device("cpu"))
+    batched = batched_transform("crop-flip", size, 1, MEAN, STD, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     out = batched(torch.from_numpy(images)[:, None], Draw(g, n, slice(0, n)))
     per_image = build_transform("crop-flip", size, 1, MEAN, STD)
@@ -69,15 +69,15 @@ def test_pad_crop_pads_with_zeros_like_random_crop():
 
 
 @pytest.mark.parametrize("name", ["hybrid", "hybrid-jitter", "simclr"])
-def test_rgb_presets_grey_and_jitter_rates(name):
+def test_rgb_transforms_grey_and_jitter_rates(name):
     n, size = 3000, 16  # the centre pixel stays inside the image after a 4-pixel shift
     rng = np.random.default_rng(0)
     colours = rng.integers(40, 215, (n, 3))
     images = torch.from_numpy(
         np.broadcast_to(colours[:, :, None, None], (n, 3, size, size)).copy()
     ).to(torch.uint8)
-    preset = batch_preset(name, size, 3, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
-    out = preset(images, Draw(torch.Generator().manual_seed(2), n, slice(0, n)))
+    transform = batched_transform(name, size, 3, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    out = transform(images, Draw(torch.Generator().manual_seed(2), n, slice(0, n)))
     assert out.shape == (n, 3, size, size) and out.min() >= 0 and out.max() <= 1
     centre = out[:, :, size // 2, size // 2]
     grey = (centre.max(1).values - centre.min(1).values) < 1e-5
@@ -93,9 +93,9 @@ def test_simclr_crops_match_random_resized_crop_in_distribution():
     n, size = 2000, 16
     x = torch.zeros(n, 1, size, size, dtype=torch.uint8)
     x[:, :, :, : size // 2] = 255  # left half white
-    preset = batch_preset("simclr", size, 1, MEAN, STD, torch.device("cpu"))
-    preset.ops = preset.ops[:1]  # the random-resized crop alone
-    out = preset(x, Draw(torch.Generator().manual_seed(3), n, slice(0, n)))
+    transform = batched_transform("simclr", size, 1, MEAN, STD, torch.device("cpu"))
+    transform.ops = transform.ops[:1]  # the random-resized crop alone
+    out = transform(x, Draw(torch.Generator().manual_seed(3), n, slice(0, n)))
     white = out.mean(dim=(1, 2, 3))
     from torchvision.transforms import v2
 
@@ -109,9 +109,9 @@ def test_simclr_crops_match_random_resized_crop_in_distribution():
 def _loader(labels: np.ndarray, images: np.ndarray, rank: int, world: int, epoch: int, batch=8):
     s = build_sampler("instance", labels, seed=0).shard(rank, world, batch)
     s.set_epoch(epoch)
-    preset = batch_preset("crop-flip", images.shape[-1], 1, MEAN, STD, torch.device("cpu"))
+    transform = batched_transform("crop-flip", images.shape[-1], 1, MEAN, STD, torch.device("cpu"))
     loader = DeviceLoader(torch.from_numpy(images)[:, None], torch.as_tensor(labels), s,
-                          batch // world, batch, rank, preset, seed=5)  # fmt: skip
+                          batch // world, batch, rank, transform, seed=5)  # fmt: skip
     return list(loader)
 
 
@@ -149,7 +149,7 @@ def test_the_fast_path_is_chosen_only_where_it_applies(tmp_path):
         sampler="instance", batch_size=8, transforms=["strong", "simclr", "simclr"]
     )
     assert isinstance(bcl, DeviceLoader) and len(next(iter(bcl))[0]) == 3
-    # a preset without a batched form (RandAugment's large-image crop): the per-image path
+    # a transform without a batched form (RandAugment's large-image crop): the per-image path
     other = data.train_loader(sampler="instance", batch_size=8, transforms=["imagenet", "simclr"])
     assert isinstance(other, torch.utils.data.DataLoader)
     off = _rundata(tmp_path, images, fast_path=False)
@@ -233,14 +233,14 @@ def test_autoaugment_magnitudes_are_per_image():
         assert ((got[i] - expected).abs() <= 1.5 / 255).float().mean() > 0.99
 
 
-def test_strong_view_matches_the_per_image_preset_in_distribution():
+def test_strong_view_matches_the_per_image_transform_in_distribution():
     """The batched strong view (pad-crop, flip, AutoAugment CIFAR-10, Cutout) against the
-    per-image preset: how often pixels change, the mean and spread of the images, and the
+    per-image transform: how often pixels change, the mean and spread of the images, and the
     share of pixels Cutout sets to the mean."""
     n, size = 1500, SIZE
     images = _photos(n, 3, seed=1)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    batched = batch_preset("strong", size, 3, mean, std, torch.device("cpu"))
+    batched = batched_transform("strong", size, 3, mean, std, torch.device("cpu"))
     assert batched is not None
     g = torch.Generator().manual_seed(0)
     out = batched(images, Draw(g, n, slice(0, n)))

@@ -1,9 +1,9 @@
-"""What each augmentation preset does to an image, measured on both data paths.
+"""What each transform does to an image, measured on both data paths.
 
 Every training image is one test pattern: a left-to-right ramp (its slope's sign tells a
 flipped view from an unflipped one) with a bright horizontal bar (its row tells where a crop
 put the image). Drawn through the real loaders, per-image (``data.fast_path=false``) and
-batched on the device, each registered preset must show the crop and flip rate it promises,
+batched on the device, each registered transform must show the crop and flip rate it promises,
 and the two views of a multi-view batch must be drawn independently.
 """
 
@@ -49,7 +49,7 @@ def pattern_set(tmp_path_factory) -> str:
     return str(root)
 
 
-def views(root: str, preset: str, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def views(root: str, transform: str, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views of every training image: two (N, 1, H, W) tensors."""
     raw = {
         "data": {"dataset": "fashion-mnist", "root": root, "ratio": None, "image_size": SIZE,
@@ -58,7 +58,7 @@ def views(root: str, preset: str, fast: bool) -> tuple[torch.Tensor, torch.Tenso
     }  # fmt: skip
     data = build_data(validate(config_from_dict(raw)))
     loader = data.train_loader(
-        sampler="instance", batch_size=100, transforms=[preset, preset], total_epochs=1
+        sampler="instance", batch_size=100, transforms=[transform, transform], total_epochs=1
     )
     assert (type(loader).__name__ == "DeviceLoader") == fast
     set_loader_epoch(loader, 0)
@@ -85,14 +85,14 @@ CASES = [
 ]
 
 
-def test_every_preset_has_expectations():
+def test_every_transform_has_expectations():
     assert set(TRANSFORMS.names()) == set(EXPECTED)
 
 
 @pytest.mark.parametrize(
     ("name", "fast"), CASES, ids=[f"{n}-{'batched' if f else 'per-image'}" for n, f in CASES]
 )
-def test_preset_crops_flips_and_draws_its_views_apart(name, fast, pattern_set):
+def test_transform_crops_flips_and_draws_its_views_apart(name, fast, pattern_set):
     first, second = views(pattern_set, name, fast)
     want = EXPECTED[name]
     rows = bar_row(first)
@@ -111,7 +111,7 @@ def test_preset_crops_flips_and_draws_its_views_apart(name, fast, pattern_set):
         assert float((bar_row(first) != bar_row(second)).float().mean()) > 0.5, name
 
 
-def test_a_preset_without_a_batched_form_is_said_before_training(pattern_set, tmp_path, capsys):
+def test_a_transform_without_a_batched_form_is_said_before_training(pattern_set, tmp_path, capsys):
     from longtail import api
     from longtail.config import config_from_dict
 

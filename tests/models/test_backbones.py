@@ -3,7 +3,7 @@ import torch
 import torchvision
 from torch import nn
 
-from longtail.models import BACKBONES, ResNetCifar, build_backbone
+from longtail.models import BACKBONES, ResNetCifar, build_backbone, layer_depths
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 TORCHVISION = {"resnet18": 512, "resnet50": 2048, "resnext50_32x4d": 2048}
@@ -101,3 +101,24 @@ def test_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError) as info:
         build_backbone("resnet33")
     assert "resnet32" in str(info.value) and "convnet-tiny" in str(info.value)
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_layer_groups_order_every_parameter_from_input_to_output(name):
+    """Layer-wise lr decay needs each parameter's depth: every one has a depth, the stem is
+    depth 0, the last stage the deepest, and depth never falls in module order."""
+    net = build_backbone(name)
+    depths, count = layer_depths(net)
+    names = [n for n, _ in net.named_parameters()]
+    assert set(depths) == set(names) and count >= 3
+    order = [depths[n] for n in names]
+    assert order == sorted(order) and order[0] == 0 and order[-1] == count - 1
+    assert set(order) == set(range(count))  # no empty depth
+    last = {id(p) for p in net.last_stage.parameters()}
+    assert all(depths[n] == count - 1 for n, p in net.named_parameters() if id(p) in last)
+
+
+def test_layer_depths_default_to_the_top_level_children():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    depths, count = layer_depths(net)
+    assert count == 2 and depths == {"0.weight": 0, "0.bias": 0, "2.weight": 1, "2.bias": 1}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from longtail.losses.decoupled import EMPTY as LOSS_EMPTY
+from longtail.losses.common import EMPTY as LOSS_EMPTY
 from longtail.models import EMPTY, LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
 
 

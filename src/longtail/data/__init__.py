@@ -1,4 +1,4 @@
-"""Data layer: sources, long-tailed subsets, samplers, augmentation presets and loaders."""
+"""Data layer: sources, long-tailed subsets, samplers, transforms (augmentations) and loaders."""
 
 from longtail.data.dataset import LTDataset
 from longtail.data.imbalance import (

@@ -8,10 +8,10 @@ generator seeded by (seed, epoch, batch, view) and are drawn for the whole globa
 which each process keeps its slice: the images do not depend on the number of processes,
 and a resumed run sees the same ones.
 
-This module holds the batched operations; each preset's batched form is registered with
-the preset itself in :mod:`longtail.data.transforms` (its ``batched`` metadata: the same
+This module holds the batched operations; each transform's batched form is registered with
+the transform itself in :mod:`longtail.data.transforms` (its ``batched`` metadata: the same
 operations and parameters as the per-image form; random draws differ), BCL's ``strong`` view
-(AutoAugment's CIFAR-10 policy and Cutout) included. A preset without one (RandAugment,
+(AutoAugment's CIFAR-10 policy and Cutout) included. A transform without one (RandAugment,
 blur, large-image crops) leaves its loader on the per-image path, and the run says so.
 """
 
@@ -159,8 +159,8 @@ def color_jitter(brightness: float, contrast: float, saturation: float, hue: flo
 
 
 @dataclass
-class BatchPreset:
-    """A batched augmentation preset: ops on float images in [0, 1], then normalisation."""
+class BatchedTransform:
+    """A batched transform: ops on float images in [0, 1], then normalisation."""
 
     ops: list[Op]
     mean: Tensor
@@ -179,7 +179,7 @@ class BatchPreset:
 
 # --- AutoAugment and Cutout (BCL's strong view), batched -------------------------------------
 # The policy and the magnitude of each bin are read from torchvision's AutoAugment, so the
-# batched view draws from exactly the per-image preset's policy. Ops work on floats in [0, 1]
+# batched view draws from exactly the per-image transform's policy. Ops work on floats in [0, 1]
 # (the per-image path rounds to uint8 after each op; the difference is below 1/255).
 
 

@@ -1,7 +1,7 @@
 """The data of one run: the long-tailed training set, the evaluation splits, and loaders.
 
 Methods ask a :class:`RunData` for the loaders their branches need (sampler, batch size,
-augmentation presets); it knows nothing of any method.
+transforms); it knows nothing of any method.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from torchvision.transforms.v2 import functional as v2f
 
 from longtail import parallel
 from longtail.config import DataConfig
-from longtail.data.batch_augment import BatchPreset, Draw
+from longtail.data.batch_augment import BatchedTransform, Draw
 from longtail.data.dataset import EpochKeys, LTDataset, item_seed
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import ArraySource, FileSource, Source, load_source
-from longtail.data.transforms import MultiView, batch_preset, build_transform
+from longtail.data.transforms import MultiView, batched_transform, build_transform
 from longtail.errors import DataError
 
 
@@ -52,9 +52,9 @@ class RunData:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _transforms: dict[str, Any] = field(default_factory=dict, repr=False)
     _cache: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    #: Presets that put a loader on the per-image path although the fast path is on (no
+    #: Transforms that put a loader on the per-image path although the fast path is on (no
     #: batched form, or images larger than it handles).
-    per_image_presets: set[str] = field(default_factory=set)
+    per_image_transforms: set[str] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
@@ -133,7 +133,7 @@ class RunData:
 
     # -- loaders ----------------------------------------------------------------------
     def transform(self, name: str) -> Any:
-        """The augmentation preset ``name`` at this run's image size and statistics."""
+        """The transform ``name`` at this run's image size and statistics."""
         if name not in self._transforms:
             src = self.train_source
             self._transforms[name] = build_transform(
@@ -158,7 +158,7 @@ class RunData:
                 ``k_per_class`` is set, which draws ``batch_size // k`` classes with k
                 images each.
             batch_size: Images per step.
-            transforms: One augmentation preset, or several for a multi-view batch.
+            transforms: One transform, or several for a multi-view batch.
             k_per_class: Build batches of k same-class images per sampled class.
             switch: ``(epoch, sampler)``: from that 0-based epoch on, draw with that sampler
                 instead (deferred re-sampling).
@@ -207,18 +207,18 @@ class RunData:
             return None
         names = [transforms] if isinstance(transforms, str) else list(transforms)
         src = self.train_source
-        presets = [
-            batch_preset(n, self.cfg.image_size, src.channels, src.mean, src.std, self.device)
+        batched = [
+            batched_transform(n, self.cfg.image_size, src.channels, src.mean, src.std, self.device)
             for n in names
         ]
-        missing = [n for n, p in zip(names, presets, strict=True) if p is None]
+        missing = [n for n, p in zip(names, batched, strict=True) if p is None]
         if missing:  # said before training: the per-image path is several times slower
-            self.per_image_presets.update(missing)
+            self.per_image_transforms.update(missing)
             return None
         cache = self.device_images()
         if cache is None:
             return None
-        chosen = presets[0] if isinstance(transforms, str) else presets
+        chosen = batched[0] if isinstance(transforms, str) else batched
         return DeviceLoader(*cache, order, local, global_batch, rank, chosen, self.seed)  # type: ignore[arg-type]
 
     def device_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -275,7 +275,7 @@ def cached_images(
     source: Source, indices: np.ndarray, size: int, max_images: int
 ) -> torch.Tensor | None:
     """Images ``indices`` of ``source`` decoded once, resized (smaller side to ``size``, as
-    the per-image presets do first), as (N, C, size, size) uint8; None if not possible."""
+    the per-image transforms do first), as (N, C, size, size) uint8; None if not possible."""
     if isinstance(source, ArraySource):
         images = torch.from_numpy(source.images[indices])
         images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)
@@ -336,7 +336,7 @@ class DeviceLoader:
         batch_size: Images per process per step.
         global_batch: Images per step over all processes.
         rank: This process's rank.
-        presets: One batched preset, or several for a multi-view batch.
+        transforms: One batched transform, or several for a multi-view batch.
         seed: Seed of the augmentation draws.
     """
 
@@ -348,13 +348,13 @@ class DeviceLoader:
         batch_size: int,
         global_batch: int,
         rank: int,
-        presets: BatchPreset | list[BatchPreset],
+        transforms: BatchedTransform | list[BatchedTransform],
         seed: int,
     ) -> None:
         self.images, self.labels = images, labels
         self.sampler, self.batch_size, self.global_batch = sampler, batch_size, global_batch
         self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        self.presets, self.seed = presets, seed
+        self.transforms, self.seed = transforms, seed
         self.batched = isinstance(sampler, KPerClassBatchSampler)  # yields lists, not indices
 
     def set_epoch(self, epoch: int) -> None:
@@ -375,14 +375,14 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
         epoch, device = self.sampler.epoch, self.images.device
-        views = self.presets if isinstance(self.presets, list) else [self.presets]
+        views = self.transforms if isinstance(self.transforms, list) else [self.transforms]
         for b, idx in enumerate(self._batches()):
             on_device = idx.to(device)
             x = self.images[on_device]
             out = []
-            for v, preset in enumerate(views):
+            for v, transform in enumerate(views):
                 g = torch.Generator(device=device)
                 g.manual_seed(item_seed(self.seed, epoch, b * 64 + v))
-                out.append(preset(x, Draw(g, self.global_batch, self.rows)))
-            images = out if isinstance(self.presets, list) else out[0]
+                out.append(transform(x, Draw(g, self.global_batch, self.rows)))
+            images = out if isinstance(self.transforms, list) else out[0]
             yield images, self.labels[on_device], idx

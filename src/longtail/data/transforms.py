@@ -1,6 +1,6 @@
-"""Augmentation presets built with torchvision.transforms.v2.
+"""Augmentation transforms built with torchvision.transforms.v2.
 
-Every preset starts with ``ToImage`` (so it accepts PIL images and uint8 (C, H, W) tensors)
+Every transform starts with ``ToImage`` (so it accepts PIL images and uint8 (C, H, W) tensors)
 and ends with float conversion to [0, 1] and per-channel normalisation. "View" is kept for
 what contrastive methods mean by it: one of several augmented copies of the same image
 (:class:`MultiView`).
@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from longtail.data.batch_augment import (
     AutoAugmentPolicy,
-    BatchPreset,
+    BatchedTransform,
     Op,
     color_jitter,
     cutout,
@@ -33,10 +33,10 @@ SMALL_MAX = 64
 CROP_FRACTION = 0.875
 
 TransformBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
-#: Each augmentation preset: its per-image builder (torchvision v2, on PIL images or uint8
+#: Each transform: its per-image builder (torchvision v2, on PIL images or uint8
 #: tensors), and in its metadata ``batched``, ``(size, channels) -> (ops, ops after
 #: normalisation)``, the same operations on a whole batch on the device (the fast path) for
-#: images up to SMALL_MAX; a preset without it trains on the per-image path.
+#: images up to SMALL_MAX; a transform without it trains on the per-image path.
 TRANSFORMS: Registry[TransformBuilder] = Registry("transform")
 BatchedBuilder = Callable[[int, int], tuple[list[Op], list[Op]]]
 
@@ -159,7 +159,7 @@ def _ihj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) 
 def build_transform(
     name: str, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[Any], torch.Tensor]:
-    """Build a registered augmentation preset.
+    """Build a registered transform.
 
     Args:
         name: One of ``TRANSFORMS.names()``.
@@ -201,22 +201,22 @@ class MultiView:
         return f"MultiView({self.transforms!r})"
 
 
-def batch_preset(
+def batched_transform(
     name: str,
     size: int,
     channels: int,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-) -> BatchPreset | None:
-    """The batched form of preset ``name``, or None where it has none (images over
-    SMALL_MAX, or a preset registered without ``batched``): the per-image path then."""
+) -> BatchedTransform | None:
+    """The batched form of transform ``name``, or None where it has none (images over
+    SMALL_MAX, or a transform registered without ``batched``): the per-image path then."""
     batched = TRANSFORMS.meta(name).get("batched")
     if size > SMALL_MAX or batched is None:
         return None
     ops, after = batched(size, channels)
     shape = (1, channels, 1, 1)
-    return BatchPreset(
+    return BatchedTransform(
         ops,
         torch.tensor(mean, device=device).view(shape),
         torch.tensor(std, device=device).view(shape),

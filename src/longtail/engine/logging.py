@@ -33,8 +33,8 @@ RESERVED_KEYS = frozenset(
 class MetricsLog:
     """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors it to TensorBoard."""
 
-    def __init__(self, out: Path, tensorboard: bool = True) -> None:
-        run = RunDir(out)
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        run = RunDir(run_dir)
         self.path = run.metrics
         self.tb = SummaryWriter(str(run.tensorboard)) if tensorboard else None
 

@@ -445,26 +445,26 @@ def fit(
     method: Method,
     data: RunData,
     cfg: Config,
-    out: Path,
+    run_dir: Path,
     device: torch.device,
     *,
     ckpt: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> None:
-    """Train ``method`` through all its stages, checkpointing ``out`` after every epoch.
+    """Train ``method`` through all its stages, checkpointing ``run_dir`` after every epoch.
 
     Args:
         method: A set-up method on ``device``.
         data: The run's data.
         cfg: The validated config.
-        out: The run directory (exists; checkpoints and metrics go here).
+        run_dir: The run directory (exists; checkpoints and metrics go here).
         device: Training device.
         ckpt: A checkpoint to continue from, whose weights ``method`` already holds (as
             :func:`longtail.runs.read.check_checkpoint` leaves them); its epoch is the last finished
             one (with ``partial``, the epoch after it continues where a SIGTERM stopped it).
         progress: Show a progress bar (default: when stderr is a terminal).
     """
-    Trainer(method, data, cfg, out, device, ckpt, progress).run()
+    Trainer(method, data, cfg, run_dir, device, ckpt, progress).run()
 
 
 class Trainer:
@@ -476,12 +476,18 @@ class Trainer:
         method: Method,
         data: RunData,
         cfg: Config,
-        out: Path,
+        run_dir: Path,
         device: torch.device,
         ckpt: dict[str, Any] | None,
         progress: bool | None,
     ) -> None:
-        self.method, self.data, self.cfg, self.out, self.device = method, data, cfg, out, device
+        self.method, self.data, self.cfg, self.run_dir, self.device = (
+            method,
+            data,
+            cfg,
+            run_dir,
+            device,
+        )
         self.ckpt = ckpt
         self.stages = method.stages()
         self.total = sum(s.epochs for s in self.stages)
@@ -490,7 +496,7 @@ class Trainer:
             torch.set_rng_state(ckpt["torch_rng"].cpu())
             self.start, self.best = ckpt["epoch"] + 1, ckpt.get("best")
         self.main = distributed.is_main()
-        self.log = MetricsLog(out) if self.main else None
+        self.log = MetricsLog(run_dir) if self.main else None
         if self.log is not None and ckpt is not None:
             self.log.repair(ckpt.get("record"), ckpt["epoch"] + 1)
         self.bar = ProgressBar(progress if self.main else False, quiet=not self.main)
@@ -566,13 +572,13 @@ class Trainer:
         state = self.state(epoch - 1, idx, None)  # the last whole epoch; then the partial one
         state["partial"] = {**carry, "epoch": epoch, "method": self.method.epoch_state()}
         if self.main:
-            _save(state, RunDir(self.out).last)
+            _save(state, RunDir(self.run_dir).last)
         distributed.barrier()
-        out = shown(self.out)
+        shown_dir = shown(self.run_dir)
         raise Preempted(
             f"stopped by SIGTERM in epoch {epoch + 1} after step {carry['step']} of "
-            f"{carry['steps']}; saved in {out}: continue with `longtail train --out {out} "
-            "--resume`"
+            f"{carry['steps']}; saved in {shown_dir}: continue with "
+            f"`longtail train --out {shown_dir} --resume`"
         )
 
     def end_epoch(self, epoch: int, idx: int, stage: Stage, stats: dict[str, Any]) -> None:
@@ -592,9 +598,9 @@ class Trainer:
             if self.best is None or res["top1"] > self.best["top1"]:
                 self.best = state["best"] = {"epoch": epoch + 1, "top1": res["top1"]}
                 if self.main:
-                    _save(state, RunDir(self.out).best)
+                    _save(state, RunDir(self.run_dir).best)
         if self.main:
-            _save(state, RunDir(self.out).last)
+            _save(state, RunDir(self.run_dir).last)
             assert self.log is not None
             self.log.write(record)
             self.bar.end_epoch(format_record(record))

@@ -277,6 +277,25 @@ def _cell(v: Any) -> str:
     return html.escape("–" if v is None else str(v))
 
 
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: left; }
+figure { display: inline-block; margin: 1em 1em 1em 0; vertical-align: top; }
+figure img { max-width: 100%; }
+figcaption { color: #555; font-size: 90%; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+"""
+# For a headless check: how many images the browser decoded.
+COUNT_IMAGES = """
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  document.body.dataset.images = images.length;
+  document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+"""
+
+
 def render_html(r: ReportInput, images: dict[str, bytes]) -> str:
     """The report page, every image embedded as a data URI."""
     e = html.escape
@@ -305,15 +324,7 @@ def render_html(r: ReportInput, images: dict[str, bytes]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>longtail report: {e(r.title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; }}
-figure {{ display: inline-block; margin: 1em 1em 1em 0; vertical-align: top; }}
-figure img {{ max-width: 100%; }}
-figcaption {{ color: #555; font-size: 90%; }}
-pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
-</style></head>
+<style>{STYLE}</style></head>
 <body>
 <h1>{e(r.title)}</h1>
 <table>{summary}</table>
@@ -323,14 +334,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <table><tr><th>rank</th><th>class</th><th>training images</th><th>group</th>
 <th>test accuracy</th></tr>{per_class}</table>
 <details><summary>config.yaml</summary><pre>{e(r.config_text)}</pre></details>
-<script>
-// For a headless check: how many images the browser decoded.
-window.addEventListener("load", () => {{
-  const images = Array.from(document.images);
-  document.body.dataset.images = images.length;
-  document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
+<script>{COUNT_IMAGES}</script>
 </body></html>
 """
 

@@ -2,8 +2,8 @@
 
 from longtail.losses.balanced import balanced_contrastive_loss
 from longtail.losses.contrastive import mpsc_loss, psc_loss, sup_con_loss
-from longtail.losses.decoupled import decoupled_contrastive_loss
 from longtail.losses.distillation import pbsd_loss
+from longtail.losses.dscl import decoupled_contrastive_loss
 
 __all__ = [
     "balanced_contrastive_loss",

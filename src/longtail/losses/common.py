@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+EMPTY = -1  #: label of a queue slot that holds no key yet (as models.LabelledQueue writes)
+
 
 @contextlib.contextmanager
 def full_precision(device: torch.device) -> Iterator[None]:
@@ -39,3 +41,13 @@ def check_features(z: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must be ({z.shape[0]},), got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be integers, got {labels.dtype}")
+
+
+def check_queue(queue: Tensor, queue_labels: Tensor, dim: int) -> None:
+    """A queue of keys is (K, ``dim``) with (K,) labels; else ValueError saying which."""
+    if queue.dim() != 2 or queue.shape[1] != dim:
+        raise ValueError(f"queue must be (K, {dim}), got {tuple(queue.shape)}")
+    if queue_labels.shape != (queue.shape[0],):
+        raise ValueError(
+            f"queue_labels must be ({queue.shape[0]},), got {tuple(queue_labels.shape)}"
+        )

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtail.losses.common import full_precision, upcast
-from longtail.losses.decoupled import EMPTY, _check_queue
+from longtail.losses.common import EMPTY, check_queue, full_precision, upcast
 
 
 def pbsd_loss(
@@ -49,7 +48,7 @@ def pbsd_loss(
     b, _, d = student.shape
     if keys.shape != (b, d):
         raise ValueError(f"keys must be ({b}, {d}), got {tuple(keys.shape)}")
-    _check_queue(queue, queue_labels, d)
+    check_queue(queue, queue_labels, d)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with full_precision(student.device):

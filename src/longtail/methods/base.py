@@ -41,11 +41,11 @@ from torch.utils.data import DataLoader
 
 from longtail.config import Config, OptimConfig, reject_booleans_for_numbers
 from longtail.data import SAMPLERS, TRANSFORMS, RunData
-from longtail.models import PrototypeBank, build_backbone, build_classifier
+from longtail.models import PrototypeBank, build_backbone, build_classifier, layer_depths
 from longtail.registry import Registry
 
 Batches = Mapping[str, Any]
-#: Option types of a sampler's and an augmentation preset's name, checked against their
+#: Option types of a sampler's and a transform's name, checked against their
 #: registries when the options are validated.
 SamplerName = Annotated[str, AfterValidator(SAMPLERS.check)]
 TransformName = Annotated[str, AfterValidator(TRANSFORMS.check)]
@@ -69,6 +69,9 @@ class MethodOptions(BaseModel):
     so is true/false for a number."""
 
     model_config = ConfigDict(extra="forbid")
+    #: Options that became config keys (option -> key, e.g. ``{"sampler": "train.sampler"}``):
+    #: build moves them where earlier configs and runs still give them.
+    moved: ClassVar[dict[str, str]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -164,10 +167,10 @@ class Method(nn.Module):
         trains from scratch."""
         return None
 
-    def warm_start(self, source: str, source_cfg: Config, ckpt: Mapping[str, Any]) -> None:
+    def warm_start(self, run_dir: str, run_cfg: Config, ckpt: Mapping[str, Any]) -> None:
         """Take the weights this method wants from ``ckpt``, the last checkpoint of run
-        ``source`` (trained with ``source_cfg``); raise ValueError naming what does not fit.
-        Called before training, for :meth:`warm_start_from`'s run."""
+        directory ``run_dir`` (trained with ``run_cfg``); raise ValueError naming what does not
+        fit. Called before training, for :meth:`warm_start_from`'s run."""
         raise TypeError(f"{type(self).__name__} does not start from another run")
 
     def no_weight_decay(self) -> set[str]:
@@ -183,16 +186,21 @@ class Method(nn.Module):
 
     def parameter_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
         """The trainable parameters in optimizer groups, each ``{"params", "lr_scale",
-        "weight_decay"}``: the backbone at ``optim.backbone_lr_scale`` times the lr, and,
-        with ``optim.decay_exempt``, biases, normalisation parameters and
-        :meth:`no_weight_decay` without weight decay. With the defaults, one group of every
-        trainable parameter in module order (the papers' SGD)."""
+        "weight_decay"}``: the backbone at ``optim.backbone_lr_scale`` times the lr (its
+        depth ``i`` of ``L`` times ``optim.layer_decay ** (L - 1 - i)`` more), and, with
+        ``optim.decay_exempt``, biases, normalisation parameters and :meth:`no_weight_decay`
+        without weight decay. With the defaults, one group of every trainable parameter in
+        module order (the papers' SGD)."""
         exempt = self.no_weight_decay() if optim.decay_exempt else set()
+        depths, count = layer_depths(self.backbone)
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            scale = optim.backbone_lr_scale if name.startswith("backbone.") else 1.0
+            scale = 1.0
+            if name.startswith("backbone."):
+                below = count - 1 - depths[name.removeprefix("backbone.")]
+                scale = optim.backbone_lr_scale * optim.layer_decay**below
             decay_free = optim.decay_exempt and (p.ndim <= 1 or name in exempt)
             decay = 0.0 if decay_free else optim.weight_decay
             groups.setdefault((scale, decay), []).append(p)

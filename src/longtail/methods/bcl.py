@@ -29,7 +29,6 @@ from longtail.methods.base import (
     Batches,
     Method,
     MethodOptions,
-    SamplerName,
     Stage,
     TransformName,
     full_precision,
@@ -45,11 +44,12 @@ PAPER = "Zhu et al., Balanced Contrastive Learning for Long-Tailed Visual Recogn
 class BCLOptions(MethodOptions):
     """The paper's CIFAR recipe by default."""
 
+    moved = {"sampler": "train.sampler"}  # its own option before 0.3
+
     ce_weight: float = Field(2.0, ge=0)  # lambda
     bcl_weight: float = Field(0.6, ge=0)  # mu
     temperature: float = Field(0.1, gt=0)  # tau of the balanced contrastive loss
     logit_adjust_tau: float = Field(1.0, ge=0)  # tau_LA of the training-time logit adjustment
-    sampler: SamplerName = "instance"
     # the classifier's view (cls_transform before 0.2, still read)
     classifier_transform: TransformName = Field("strong", validation_alias=was("transform"))
     con_transforms: list[TransformName] = Field(
@@ -86,7 +86,7 @@ class BCL(Method):
     def loaders(self, data: RunData, stage: Stage) -> dict[str, DataLoader]:
         o, t = self.opts, self.cfg.train
         loader = data.train_loader(
-            sampler=o.sampler,
+            sampler=t.sampler,
             batch_size=t.batch_size,
             transforms=[o.classifier_transform, *o.con_transforms],
             total_epochs=t.epochs,

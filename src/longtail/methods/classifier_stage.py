@@ -51,7 +51,9 @@ def standardised_classifier(method: Method, opts: ClassifierStageOptions) -> Non
         method.classifier = nn.Sequential(nn.BatchNorm1d(dim, affine=False), method.classifier)
 
 
-def decoupled_stages(method: Method, first: Stage, opts: ClassifierStageOptions) -> list[Stage]:
+def with_classifier_stage(
+    method: Method, first: Stage, opts: ClassifierStageOptions
+) -> list[Stage]:
     """``first`` then the classifier stage; the classifier stage alone with ``from_run``."""
     second = classifier_stage(method, opts)
     return [second] if opts.from_run else [first, second]
@@ -130,17 +132,17 @@ class FirstStageWarmStart:
     def warm_start_from(self) -> tuple[str, str] | None:
         return ("from_run", self.opts.from_run) if self.opts.from_run else None
 
-    def warm_start(self, source: str, source_cfg: Config, ckpt: Mapping[str, Any]) -> None:
+    def warm_start(self, run_dir: str, run_cfg: Config, ckpt: Mapping[str, Any]) -> None:
         cfg = self.cfg
-        if source_cfg.method_name != cfg.method_name or source_cfg.model != cfg.model:
+        if run_cfg.method_name != cfg.method_name or run_cfg.model != cfg.model:
             raise ValueError(
-                f"{source} trained {source_cfg.method_name} with another model section; give "
+                f"{run_dir} trained {run_cfg.method_name} with another model section; give "
                 "a run of the same method and model"
             )
-        first = source_cfg.train.epochs - int(source_cfg.method.get("classifier_epochs", 0))
+        first = run_cfg.train.epochs - int(run_cfg.method.get("classifier_epochs", 0))
         if ckpt.get("stage", 0) == 0 and ckpt["epoch"] + 1 < first:
             raise ValueError(
-                f"{source} stopped at epoch {ckpt['epoch'] + 1} of its first stage's {first}; "
+                f"{run_dir} stopped at epoch {ckpt['epoch'] + 1} of its first stage's {first}; "
                 "finish it first (train it again with {resume})"
             )
         state = {k: v for k, v in ckpt["model"].items() if not k.startswith("classifier.")}
@@ -149,5 +151,5 @@ class FirstStageWarmStart:
             {k: v for k, v in mine.items() if not k.startswith("classifier.")}, state
         )
         if mismatch:
-            raise ValueError(f"{source} does not fit this model ({mismatch})")
+            raise ValueError(f"{run_dir} does not fit this model ({mismatch})")
         self.load_state_dict(state, strict=False)  # type: ignore[attr-defined]

@@ -35,7 +35,6 @@ from longtail.methods.base import (
     Batches,
     Method,
     MethodOptions,
-    SamplerName,
     Stage,
     TransformName,
     full_precision,
@@ -45,8 +44,8 @@ from longtail.methods.classifier_stage import (
     ClassifierStageOptions,
     FirstStageWarmStart,
     check_stage_lengths,
-    decoupled_stages,
     standardised_classifier,
+    with_classifier_stage,
 )
 from longtail.methods.contrastive import EmbeddingHealth
 from longtail.models import LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
@@ -57,6 +56,8 @@ PAPER = "Xuan & Zhang, Decoupled Contrastive Learning for Long-Tailed Recognitio
 class DSCLOptions(MethodOptions, ClassifierStageOptions):
     """Defaults for 28-32 px images (ours); the ImageNet-LT recipe sets the paper's values."""
 
+    moved = {"sampler": "train.sampler"}  # its own option before 0.3
+
     beta: float = Field(8.0, ge=0)  # alpha = 1 / (1 + beta): the own key's share of the target
     temperature: float = Field(0.07, gt=0)
     momentum: float = Field(0.99, ge=0, lt=1)  # key encoder EMA (0.999 in the paper)
@@ -66,7 +67,6 @@ class DSCLOptions(MethodOptions, ClassifierStageOptions):
     patch_scale: tuple[float, float] = (0.05, 0.6)  # box area as a fraction of the view
     patch_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # box aspect ratio range
     patch_size: int = Field(16, ge=4)  # student crops are resized to this (64 at 224 px)
-    sampler: SamplerName = "instance"
     con_transforms: list[TransformName] = Field(
         default_factory=lambda: ["simclr", "simclr"], min_length=2, max_length=2
     )  # query view, key view
@@ -117,12 +117,12 @@ class DSCL(FirstStageWarmStart, Method):
             loaders=self._feature_loaders,
             step=self._feature_step,
         )
-        return decoupled_stages(self, features, self.opts)
+        return with_classifier_stage(self, features, self.opts)
 
     def _feature_loaders(self, data: RunData) -> dict[str, DataLoader]:
         o, t = self.opts, self.cfg.train
         loader = data.train_loader(
-            sampler=o.sampler,
+            sampler=t.sampler,
             batch_size=t.batch_size,
             transforms=o.con_transforms,
             total_epochs=t.epochs,

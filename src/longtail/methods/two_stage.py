@@ -19,8 +19,8 @@ from longtail.methods.classifier_stage import (
     ClassifierStageOptions,
     FirstStageWarmStart,
     check_stage_lengths,
-    decoupled_stages,
     standardised_classifier,
+    with_classifier_stage,
 )
 from longtail.methods.contrastive import ContrastiveOptions, FeatureBranch, contrastive_loader
 from longtail.methods.hybrid import PAPER
@@ -58,7 +58,7 @@ class TwoStageSC(FirstStageWarmStart, Method):
             loaders=self._feature_loaders,
             step=self._feature_step,
         )
-        return decoupled_stages(self, features, o)
+        return with_classifier_stage(self, features, o)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.features.health.reset()

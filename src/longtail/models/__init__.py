@@ -1,6 +1,12 @@
 """Backbones (feature extractors) and heads (classifiers, projection, prototypes)."""
 
-from longtail.models.backbones import BACKBONES, ConvNetTiny, TorchvisionResNet, build_backbone
+from longtail.models.backbones import (
+    BACKBONES,
+    ConvNetTiny,
+    TorchvisionResNet,
+    build_backbone,
+    layer_depths,
+)
 from longtail.models.ema import EMPTY, LabelledQueue, momentum_copy, momentum_update
 from longtail.models.heads import (
     CLASSIFIERS,
@@ -26,6 +32,7 @@ __all__ = [
     "TorchvisionResNet",
     "build_backbone",
     "build_classifier",
+    "layer_depths",
     "momentum_copy",
     "momentum_update",
 ]

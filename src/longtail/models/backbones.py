@@ -5,7 +5,9 @@ Every backbone is an ``nn.Module`` with an int attribute ``feature_dim`` and thr
 region-level methods such as DSCL's PBSD pool from), ``forward_head(f)`` pools that map to
 ``(N, feature_dim)``, and ``forward(x)`` is the two in a row. ``forward_trunk(x)`` and
 ``last_stage`` split ``forward_features`` before its last stage (BBN's two branches share the
-trunk). Classifiers are separate (:mod:`longtail.models.heads`).
+trunk). ``layer_groups()``, where a backbone has it, lists its parameters' name prefixes by
+depth, input to output (for layer-wise lr decay; the default is its top-level children).
+Classifiers are separate (:mod:`longtail.models.heads`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ def build_backbone(name: str, in_channels: int = 3, **kw: Any) -> nn.Module:
         ValueError: If ``name`` is not registered.
     """
     return BACKBONES.get(name)(in_channels=in_channels, **kw)
+
+
+def layer_depths(backbone: nn.Module) -> tuple[dict[str, int], int]:
+    """The depth of each of ``backbone``'s parameters (0 = nearest the input) and the number
+    of depths: from its ``layer_groups()`` (lists of name prefixes, input to output), else
+    one depth per top-level child that holds parameters, in registration order."""
+    groups = getattr(backbone, "layer_groups", None)
+    if groups is not None:
+        prefixes = groups()
+    else:
+        prefixes = [
+            [n] for n, c in backbone.named_children() if next(c.parameters(), None) is not None
+        ]
+    depths: dict[str, int] = {}
+    for name, _ in backbone.named_parameters():
+        found = [
+            d
+            for d, group in enumerate(prefixes)
+            if any(name == p or name.startswith(p + ".") for p in group)
+        ]
+        depths[name] = found[0] if found else 0  # a stray parameter goes with the stem
+    return depths, len(prefixes)
 
 
 def _register_cifar_resnet(depth: int) -> None:
@@ -97,6 +121,10 @@ class TorchvisionResNet(torchvision.models.ResNet):
     def last_stage(self) -> nn.Module:
         """The last residual stage (BBN gives its re-balancing branch a copy of it)."""
         return self.layer4
+
+    def layer_groups(self) -> list[list[str]]:
+        """The stem, then each residual stage."""
+        return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
 
     def forward_trunk(self, x: Tensor) -> Tensor:
         """Everything before the last stage."""
@@ -157,6 +185,10 @@ class ConvNetTiny(nn.Module):
     def last_stage(self) -> nn.Module:
         """The last conv block."""
         return self.features[-3:]
+
+    def layer_groups(self) -> list[list[str]]:
+        """Each conv block (conv and its BatchNorm)."""
+        return [[f"features.{i}", f"features.{i + 1}"] for i in (0, 4, 8)]
 
     def forward_trunk(self, x: Tensor) -> Tensor:
         return self.features[:-3](x)

@@ -135,6 +135,10 @@ class ResNetCifar(nn.Module):
         """The last residual stage (BBN gives its re-balancing branch a copy of it)."""
         return self.layer3
 
+    def layer_groups(self) -> list[list[str]]:
+        """The stem, then each residual stage."""
+        return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"]]
+
     def forward_trunk(self, x: Tensor) -> Tensor:
         """Everything before the last stage."""
         return self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))

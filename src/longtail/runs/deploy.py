@@ -164,12 +164,12 @@ def write_predictions_csv(
 
 def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, Any]:
     """What sits beside an exported model: class names and how to prepare an image."""
-    # What the "test" preset does (data.transforms); another preset is named as it is.
+    # What the "test" transform does (data.transforms); another transform is named as it is.
     side = info.image_size if info.image_size <= SMALL_MAX else int(info.image_size / CROP_FRACTION)
     steps = (
         [f"resize the shorter side to {side} px", f"centre-crop {info.image_size} px"]
         if info.transform == "test"
-        else [f"longtail's {info.transform!r} preset at {info.image_size} px"]
+        else [f"longtail's {info.transform!r} transform at {info.image_size} px"]
     )
     # The same steps as numbers, for code that prepares images from the card alone.
     geometry = (

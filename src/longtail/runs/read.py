@@ -39,11 +39,11 @@ def config_device(cfg: Config) -> torch.device:
         return resolve_device(cfg.train.device)
 
 
-def read_run_config(out: Path) -> Config:
+def read_run_config(run_dir: Path) -> Config:
     """The validated config a run directory was trained with."""
-    path = RunDir(out).config
+    path = RunDir(run_dir).config
     if not path.is_file():
-        raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing")
+        raise UsageError(f"{shown(run_dir)} is not a run directory: {shown(path)} is missing")
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -156,7 +156,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"training images{ratio}{', ' + splits if splits else ''}; {pre['image_size']} px, "
         f"{pre['channels']} channel{'s' if pre['channels'] > 1 else ''}"
     )
-    slow = summary.get("per_image_presets")
+    slow = summary.get("per_image_transforms")
     if slow:
         data_line += (
             f"; per-image loaders, the fast path has no batched form of "
@@ -187,7 +187,7 @@ def data_summary(
         **sizes,
         "method": cfg.method_name,
         **({"plan": plan} if plan is not None else {}),
-        "per_image_presets": sorted(data.per_image_presets),
+        "per_image_transforms": sorted(data.per_image_transforms),
         "ratio": cfg.data.ratio,
         "n_max": cfg.data.n_max,
         "profile": cfg.data.profile,
@@ -328,7 +328,7 @@ def check_checkpoint(
 
 
 def evaluate_run(
-    out: str | Path,
+    run_dir: str | Path,
     *,
     checkpoint: str = "last",
     split: str = "test",
@@ -343,10 +343,10 @@ def evaluate_run(
     ``cfg``, ``method``, ``data`` and ``device`` skip rebuilding what the caller holds (the
     method with the weights to evaluate).
     """
-    out = Path(out)
+    run_dir = Path(run_dir)
     if method is None:  # not training's own evaluation: refuse a run that is training
-        RunDir(out).check_not_in_use(doing="evaluate")
-    cfg = cfg or read_run_config(out)
+        RunDir(run_dir).check_not_in_use(doing="evaluate")
+    cfg = cfg or read_run_config(run_dir)
     device = device or config_device(cfg)
     data = data or build_data(cfg)
     if split == "val" and data.val_source is None:
@@ -354,7 +354,7 @@ def evaluate_run(
             f"{cfg.data.dataset} has no validation split configured (config key data.val_split)"
         )
     if method is None:
-        method, ckpt = load_method(out, checkpoint, cfg, data, device)
+        method, ckpt = load_method(run_dir, checkpoint, cfg, data, device)
         epoch = ckpt["epoch"] + 1
     else:
         epoch = sum(s.epochs for s in method.stages())
@@ -366,7 +366,7 @@ def evaluate_run(
     if save and distributed.is_main():
         # eval_<split>.json is the last epoch's alone (what compare and report read); the
         # best checkpoint's result goes beside it.
-        path = RunDir(out).evaluation(split, checkpoint)
+        path = RunDir(run_dir).evaluation(split, checkpoint)
         try:
             atomic_write_bytes(path, jsonio.dumps(res, indent=1).encode())
         except OSError as e:  # a read-only run directory, a full disk: the result still counts
@@ -390,7 +390,7 @@ class RunInfo:
         image_size: Side of the square network input, pixels.
         mean: Per-channel normalisation mean, [0, 1] units.
         std: Per-channel normalisation std, [0, 1] units.
-        transform: The evaluation preset (``train.test_transform``).
+        transform: The evaluation transform (``train.test_transform``).
     """
 
     classes: list[str]
@@ -406,9 +406,9 @@ class RunInfo:
         return len(self.classes)
 
 
-def read_run_info(out: str | Path) -> RunInfo:
-    """The :class:`RunInfo` of run directory ``out``."""
-    path = RunDir(out).data_json
+def read_run_info(run_dir: str | Path) -> RunInfo:
+    """The :class:`RunInfo` of run directory ``run_dir``."""
+    path = RunDir(run_dir).data_json
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         pre = saved["preprocess"]
@@ -422,7 +422,7 @@ def read_run_info(out: str | Path) -> RunInfo:
             transform=str(pre["transform"]),
         )
     except FileNotFoundError:
-        raise UsageError(f"{shown(out)} is not a run directory: {shown(path)} is missing") from None
+        raise UsageError(f"{shown(run_dir)} is not a run directory: {shown(path)} is missing") from None
     except (ValueError, KeyError, TypeError):
         raise LongtailError(
             f"{shown(path)} lacks the preprocessing of the run's images (written by an older "
@@ -432,30 +432,30 @@ def read_run_info(out: str | Path) -> RunInfo:
 
 
 def load_method(
-    out: str | Path, checkpoint: str, cfg: Config, data: RunData | RunInfo, device: torch.device
+    run_dir: str | Path, checkpoint: str, cfg: Config, data: RunData | RunInfo, device: torch.device
 ) -> tuple[Method, dict[str, Any]]:
     """The method of ``cfg``, set up for ``data`` (a run's data, or its data.json's
     :class:`RunInfo`), with the weights of the run's ``checkpoint`` (``last`` or ``best``),
     checked against the config; and the checkpoint."""
     method = build_method(cfg, data, device)  # type: ignore[arg-type]  # setup reads counts
-    path = RunDir(out).checkpoint(checkpoint)
+    path = RunDir(run_dir).checkpoint(checkpoint)
     if not path.is_file():
         why = (
             "a run keeps one only with a validation split (data.val_split)"
             if checkpoint == "best"
             else "train it first"
         )
-        raise UsageError(f"{shown(out)} has no checkpoint {checkpoint}.pt; {why}")
+        raise UsageError(f"{shown(run_dir)} has no checkpoint {checkpoint}.pt; {why}")
     ckpt = load_checkpoint(path, map_location=device)
     check_checkpoint(ckpt, cfg, path, method)
     return method, ckpt
 
 
 def load_run(
-    out: str | Path, checkpoint: str = "last", device: torch.device | None = None
+    run_dir: str | Path, checkpoint: str = "last", device: torch.device | None = None
 ) -> tuple[Config, Method, RunInfo]:
-    """The trained method of run directory ``out`` in eval mode, without its data set."""
-    cfg = read_run_config(Path(out))
-    info = read_run_info(Path(out))
-    method, _ = load_method(out, checkpoint, cfg, info, device or config_device(cfg))
+    """The trained method of run directory ``run_dir`` in eval mode, without its data set."""
+    cfg = read_run_config(Path(run_dir))
+    info = read_run_info(Path(run_dir))
+    method, _ = load_method(run_dir, checkpoint, cfg, info, device or config_device(cfg))
     return cfg, method.eval(), info

@@ -31,9 +31,9 @@ from longtail.runs.read import config_device, evaluate_run, load_method, read_ru
 EMBEDDING_POINTS = 2000
 
 
-def read_history(out: Path) -> list[dict[str, Any]]:
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl``; a line cut off by a crash is skipped."""
-    path = RunDir(out).metrics
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     records = []
@@ -93,12 +93,12 @@ def embed_test_features(
 
 
 def _summary(
-    out: Path, cfg: Config, evaluation: dict[str, Any], history: list[dict[str, Any]]
+    run_dir: Path, cfg: Config, evaluation: dict[str, Any], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     wall = sum(float(r.get("epoch_time_s") or 0) for r in history)
     speeds = [r["images_per_s"] for r in history if isinstance(r.get("images_per_s"), (int, float))]
     return {
-        "run directory": str(out),
+        "run directory": str(run_dir),
         "method": cfg.method_name,
         "dataset": cfg.data.dataset,
         "imbalance ratio": "-" if cfg.data.ratio is None else f"{cfg.data.ratio:g}",
@@ -114,7 +114,7 @@ def _summary(
 
 
 def report_run(
-    out: str | Path,
+    run_dir: str | Path,
     *,
     cfg: Config | None = None,
     method: Method | None = None,
@@ -123,7 +123,7 @@ def report_run(
     evaluation: dict[str, Any] | None = None,
     points: int = EMBEDDING_POINTS,
 ) -> Path | None:
-    """Write ``report.html`` and ``plots/*.png`` for run directory ``out``.
+    """Write ``report.html`` and ``plots/*.png`` for run directory ``run_dir``.
 
     ``cfg``, ``method`` (with the weights to report), ``data``, ``device`` and the test
     ``evaluation`` skip rebuilding what the caller holds. Every process of a distributed run
@@ -132,8 +132,8 @@ def report_run(
     Returns:
         The page's path (None on the other processes).
     """
-    out = Path(out)
-    cfg = cfg or read_run_config(out)
+    run_dir = Path(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     device = device or config_device(cfg)
     if data is None:
         try:
@@ -141,21 +141,21 @@ def report_run(
         except DataError as e:
             raise DataError(f"the report needs the run's data set: {e.template}") from None
     if method is None:
-        method, _ = load_method(out, "last", cfg, data, device)
+        method, _ = load_method(run_dir, "last", cfg, data, device)
     if evaluation is None or "reliability" not in evaluation:
-        saved = _read_json(RunDir(out).evaluation())
+        saved = _read_json(RunDir(run_dir).evaluation())
         evaluation = saved if saved and "reliability" in saved else None
     if evaluation is None:
-        evaluation = evaluate_run(out, cfg=cfg, method=method, data=data, device=device)
+        evaluation = evaluate_run(run_dir, cfg=cfg, method=method, data=data, device=device)
     coords, ys = embed_test_features(method, data, cfg, device, points)
     if not distributed.is_main():
         return None
-    history = read_history(out)
-    config_path = RunDir(out).config
+    history = read_history(run_dir)
+    config_path = RunDir(run_dir).config
     counts = data.counts.tolist()
     report = ReportInput(
-        title=out.name,
-        summary=_summary(out, cfg, evaluation, history),
+        title=run_dir.name,
+        summary=_summary(run_dir, cfg, evaluation, history),
         classes=data.classes,
         train_counts=counts,
         groups=shot_groups(counts),
@@ -167,11 +167,11 @@ def report_run(
         config_text=config_path.read_text(encoding="utf-8") if config_path.is_file() else "",
     )
     try:
-        return write_report(report, RunDir(out).report, RunDir(out).plots)
+        return write_report(report, RunDir(run_dir).report, RunDir(run_dir).plots)
     except OSError as e:  # a read-only run directory, a full disk
         raise LongtailError(
-            f"cannot write the report in {shown(out)}: {e.strerror or e}; free some space (or "
-            f"make the folder writable), then run `longtail report {shown(out)}`"
+            f"cannot write the report in {shown(run_dir)}: {e.strerror or e}; free some space (or "
+            f"make the folder writable), then run `longtail report {shown(run_dir)}`"
         ) from None
 
 
@@ -182,19 +182,19 @@ COMPARE_COLUMNS = (
 )  # fmt: skip
 
 
-def compare_row(out: str | Path) -> dict[str, Any]:
+def compare_row(run_dir: str | Path) -> dict[str, Any]:
     """One row of ``longtail compare``: the run's settings and its test metrics."""
-    out = Path(out)
-    cfg = read_run_config(out)
-    evaluation = _read_json(RunDir(out).evaluation())
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    evaluation = _read_json(RunDir(run_dir).evaluation())
     if evaluation is None or "top1" not in evaluation:
         raise UsageError(
-            f"{shown(out)} has no test evaluation (eval_test.json); run `longtail evaluate "
-            f"{shown(out)}`"
+            f"{shown(run_dir)} has no test evaluation (eval_test.json); run `longtail evaluate "
+            f"{shown(run_dir)}`"
         )
-    history = read_history(out)
+    history = read_history(run_dir)
     return {
-        "run": str(out),
+        "run": str(run_dir),
         "method": cfg.method_name,
         "dataset": cfg.data.dataset,
         "ratio": cfg.data.ratio,

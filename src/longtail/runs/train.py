@@ -47,12 +47,12 @@ def warm_start(method: Method) -> None:
     found = method.warm_start_from()
     if found is None:
         return
-    key, source = found
-    run = RunDir(Path(source).expanduser())
+    key, run_dir = found
+    run = RunDir(Path(run_dir).expanduser())
     if not run.started():
-        raise UsageError(f"method.{key}: {shown(source)} has no checkpoint; train its first stage")
+        raise UsageError(f"method.{key}: {shown(run_dir)} has no checkpoint; train its first stage")
     with config_key(f"method.{key}"):
-        method.warm_start(shown(source), read_run_config(run.path), load_checkpoint(run.last))
+        method.warm_start(shown(run_dir), read_run_config(run.path), load_checkpoint(run.last))
 
 
 def checkpoint_bytes(method: Method) -> int:
@@ -64,13 +64,13 @@ def checkpoint_bytes(method: Method) -> int:
 
 def train(
     cfg: Config | None,
-    out: str | Path,
+    run_dir: str | Path,
     *,
     resume: bool = False,
     changes: list[str] | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into run directory ``out`` and evaluate the last epoch on the test split.
+    """Train ``cfg`` into run directory ``run_dir`` and evaluate the last epoch on the test split.
 
     The config, the data and the model are checked before anything is written: a run that
     fails before its first checkpoint leaves nothing behind, and a directory left by a killed
@@ -79,8 +79,8 @@ def train(
 
     Args:
         cfg: The run's config (None with ``resume``).
-        out: The run directory.
-        resume: Continue the run in ``out``.
+        run_dir: The run directory.
+        resume: Continue the run in ``run_dir``.
         changes: With ``resume``, ``key=value`` changes to the run's config: ``train.epochs``
             to extend it (the epochs still to come follow the schedule of a run of that many
             epochs), and the settings of the machine (``data.root``, ``train.device``, ...).
@@ -90,7 +90,7 @@ def train(
         The test metrics of the last epoch (also written to ``eval_test.json``).
     """
     main = distributed.is_main_from_env()  # under torchrun only rank 0 touches the run dir
-    run = RunDir(out)
+    run = RunDir(run_dir)
     if main:
         run.check_path()
         run.check_not_in_use()

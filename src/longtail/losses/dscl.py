@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longtail.losses.common import check_features, full_precision, upcast
-
-EMPTY = -1  #: label of a queue slot that holds no key yet
+from longtail.losses.common import EMPTY, check_features, check_queue, full_precision, upcast
 
 
 def decoupled_contrastive_loss(
@@ -50,7 +48,7 @@ def decoupled_contrastive_loss(
     check_features(q, labels)
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    _check_queue(queue, queue_labels, q.shape[1])
+    check_queue(queue, queue_labels, q.shape[1])
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if temperature <= 0:
@@ -74,12 +72,3 @@ def decoupled_contrastive_loss(
         other_weight = (1 - own_weight) / n_others.clamp(min=1)
         weights = own_key * own_weight[:, None] + others * other_weight[:, None]
         return -(weights * log_p.masked_fill(excluded, 0.0)).sum(dim=1).mean()
-
-
-def _check_queue(queue: Tensor, queue_labels: Tensor, dim: int) -> None:
-    if queue.dim() != 2 or queue.shape[1] != dim:
-        raise ValueError(f"queue must be (K, {dim}), got {tuple(queue.shape)}")
-    if queue_labels.shape != (queue.shape[0],):
-        raise ValueError(
-            f"queue_labels must be ({queue.shape[0]},), got {tuple(queue_labels.shape)}"
-        )
