@@ -198,7 +198,10 @@ def test_a_benchmark_recipe_on_a_users_folder_says_what_it_keeps(
     )
     steps = used // 8  # the feature branch's instance sampler sets the epoch
     schedule = "lr 0.5 constant (milestone 120, 160 past the last epoch, 2)"
-    assert lines[1] == f"train: hybrid-sc, 2 epochs x {steps} steps, {schedule}"
+    assert (
+        lines[1]
+        == f"train: hybrid-sc, convnet-tiny from random init, 2 epochs x {steps} steps, {schedule}"
+    )
     assert any(x.startswith("test top-1") for x in lines[2:])  # ... and training after it
     assert data["plan"] == [
         {"stage": "train", "epochs": 2, "steps_per_epoch": steps,

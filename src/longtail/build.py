@@ -20,7 +20,7 @@ from longtail.config import Config, config_from_dict, format_validation_error
 from longtail.data import DATASETS, SAMPLERS, SPLITS, TRANSFORMS, RunData
 from longtail.errors import UsageError
 from longtail.methods import METHODS, Method, MethodOptions
-from longtail.models import BACKBONES, CLASSIFIERS
+from longtail.models import CLASSIFIERS, check_backbone, published_preprocessing
 from longtail.registry import Registry
 
 
@@ -68,7 +68,6 @@ def validate(cfg: Config) -> Config:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
     names = [
         ("data.dataset", DATASETS, cfg.data.dataset),
-        ("model.backbone", BACKBONES, cfg.model.backbone),
         ("model.classifier", CLASSIFIERS, cfg.model.classifier),
         ("train.sampler", SAMPLERS, cfg.train.sampler),
         ("train.transform", TRANSFORMS, cfg.train.transform),
@@ -76,6 +75,14 @@ def validate(cfg: Config) -> Config:
     ]
     for key, registry, value in names:
         _check_name(key, registry, value)
+    with config_key("model.backbone"):
+        check_backbone(cfg.model.backbone)
+    if cfg.model.pretrained is True and published_preprocessing(cfg.model.backbone) is None:
+        raise UsageError(
+            f"config key 'model.pretrained': {cfg.model.backbone} has no published weights; "
+            "give a weights file or a longtail run directory, or use a torchvision or "
+            "timm/<name> backbone"
+        )
     if cfg.data.val_split is not None and cfg.data.val_split not in SPLITS:
         raise UsageError(f"config key 'data.val_split': use one of {', '.join(SPLITS)} or null")
     _check_classifier_options(cfg)
@@ -131,11 +138,27 @@ def build_data(cfg: Config, need_test: bool = True, check_classes: bool = True) 
     return data
 
 
-def build_method(cfg: Config, data: RunData, device: torch.device | None = None) -> Method:
-    """The config's method, set up for ``data`` (and moved to ``device``)."""
+def build_method(
+    cfg: Config,
+    data: RunData,
+    device: torch.device | None = None,
+    weights: bool | Mapping[str, torch.Tensor] = False,
+) -> Method:
+    """The config's method, set up for ``data`` (and moved to ``device``).
+
+    Args:
+        cfg: A validated config.
+        data: The run's data (its class count, channels and counts).
+        device: Where to move the method.
+        weights: The backbone's start: random (False), the published weights (True) or a
+            state_dict. A new run gives its ``model.pretrained``; a run that is read back
+            loads its own checkpoint instead.
+    """
     options = method_options(cfg.method_name, cfg.method_options)
-    method = METHODS.get(cfg.method_name)(cfg, options)
-    method.setup(data)
+    method = METHODS.get(cfg.method_name)(cfg, options, weights)
+    with config_key("model.pretrained"):
+        method.setup(data)
+    method.weights = False  # used by setup; not kept beside the weights it gave
     if device is not None:
         method = method.to(device)
         if cfg.train.channels_last:

@@ -61,12 +61,31 @@ class DataConfig(_Strict):
     seed: int = 0  # seed of the long-tail subsampling (the standard recipe uses 0)
     image_size: int = Field(32, ge=8)  # pixels, side of the network input
     val_split: str | None = None  # a split of the dataset used for "best" selection
+    # Keep only these classes (names or indices of the dataset's classes), labelled in this
+    # order: e.g. Fashion-MNIST's 0-4 to pretrain on and 5-9 to transfer to.
+    classes: list[int | str] | None = Field(None, min_length=1)
+    # Normalisation, [0, 1] units, one value per channel (3 for grey images are averaged);
+    # None = the data set's own statistics (ImageNet's for folders). model.pretrained fills
+    # in its weights' values.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # Evaluation resize of images over 64 px: shorter side to image_size / crop_fraction, then
+    # a centre crop of image_size (None = 0.875), with this interpolation.
+    crop_fraction: float | None = Field(None, gt=0, le=1)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     num_workers: int = Field(0, ge=0)  # loader processes; 0 loads in the training process
     # Keep the training images on the training device and augment whole batches there when
     # they fit (in-memory sets, folders up to fast_path_max_images) and every transform has a
     # batched form; false: per-image loaders always.
     fast_path: bool = True
     fast_path_max_images: int = Field(200_000, ge=0)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(0 < x < float("inf") for x in v):
+            raise ValueError("every std must be a finite number > 0")
+        return v
 
     @field_validator("ratio")
     @classmethod
@@ -85,6 +104,11 @@ class ModelConfig(_Strict):
     projection_hidden: int = Field(512, ge=1)  # units in the projection MLP's hidden layer
     projection_dim: int = Field(128, ge=1)  # dimension of the contrastive embedding z
     projection_bn: bool = False  # BatchNorm1d on the projection MLP's hidden layer
+    # Start the backbone from weights: true = the published ones of a timm/<name> or
+    # torchvision backbone (downloaded and cached by timm / torchvision); or a file (a
+    # state_dict, .pth/.pt/.bin/.safetensors) or a longtail run directory or checkpoint.
+    pretrained: bool | str = False
+    freeze_backbone: bool = False  # a linear probe: the backbone fixed (BatchNorm too)
 
 
 class OptimConfig(_Strict):

@@ -22,8 +22,14 @@ from longtail.data.batch_augment import BatchedTransform, Draw
 from longtail.data.dataset import EpochKeys, LTDataset, item_seed
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
-from longtail.data.sources import ArraySource, FileSource, Source, load_source
-from longtail.data.transforms import MultiView, batched_transform, build_transform
+from longtail.data.sources import ArraySource, FileSource, Source, load_source, select_classes
+from longtail.data.transforms import (
+    CROP_FRACTION,
+    MultiView,
+    Resize,
+    batched_transform,
+    build_transform,
+)
 from longtail.errors import DataError
 
 
@@ -60,7 +66,7 @@ class RunData:
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
         """Read the splits ``cfg`` names and draw the long-tailed training subset."""
         options: dict[str, Any] = {"files": cfg.files} if cfg.files else {}
-        train = load_source(cfg.dataset, cfg.root, "train", **options)
+        train = select_classes(load_source(cfg.dataset, cfg.root, "train", **options), cfg.classes)
         if cfg.ratio is None and cfg.n_max is None:
             indices = np.arange(len(train))
         else:
@@ -69,15 +75,26 @@ class RunData:
             )
         if cfg.dataset in ("list", "json"):  # a split's file may lack the last classes
             options["num_classes"] = train.num_classes
-        test = load_source(cfg.dataset, cfg.root, "test", **options) if need_test else None
-        val = (
-            load_source(cfg.dataset, cfg.root, cfg.val_split, **options) if cfg.val_split else None
-        )
+        test = val = None
+        if need_test:
+            test = select_classes(
+                load_source(cfg.dataset, cfg.root, "test", **options), cfg.classes
+            )
+        if cfg.val_split:
+            val = load_source(cfg.dataset, cfg.root, cfg.val_split, **options)
+            val = select_classes(val, cfg.classes)
         for other in (test, val):
             if other is not None and other.num_classes != train.num_classes:
                 raise DataError(
                     f"{cfg.dataset}: train has {train.num_classes} classes but an evaluation "
                     f"split has {other.num_classes}; give num_classes or fix the label files"
+                )
+        for key in ("mean", "std"):
+            given = getattr(cfg, key)
+            if given is not None and len(given) not in (train.channels, 3):
+                raise ValueError(
+                    f"{key} needs {train.channels} value(s), one per channel of the images; "
+                    f"got {given}"
                 )
         return cls(cfg, train, indices, test, val, seed=seed)
 
@@ -93,6 +110,28 @@ class RunData:
     @property
     def channels(self) -> int:
         return self.train_source.channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Normalisation mean, [0, 1] units: ``data.mean`` or the training source's."""
+        return self._per_channel(self.cfg.mean, self.train_source.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Normalisation std, [0, 1] units: ``data.std`` or the training source's."""
+        return self._per_channel(self.cfg.std, self.train_source.std)
+
+    def _per_channel(self, given: list[float] | None, own: tuple[float, ...]) -> tuple[float, ...]:
+        if given is None:
+            return own
+        if len(given) == 3 and self.channels == 1:  # RGB weights' values for grey images
+            return (sum(given) / 3,)
+        return tuple(given)
+
+    @property
+    def resize(self) -> Resize:
+        """How images over 64 px are resized (``data.crop_fraction``, ``data.interpolation``)."""
+        return Resize(self.cfg.crop_fraction or CROP_FRACTION, self.cfg.interpolation)
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -135,9 +174,8 @@ class RunData:
     def transform(self, name: str) -> Any:
         """The transform ``name`` at this run's image size and statistics."""
         if name not in self._transforms:
-            src = self.train_source
             self._transforms[name] = build_transform(
-                name, self.cfg.image_size, src.channels, src.mean, src.std
+                name, self.cfg.image_size, self.channels, self.mean, self.std, self.resize
             )
         return self._transforms[name]
 
@@ -206,9 +244,10 @@ class RunData:
         if not self.cfg.fast_path:
             return None
         names = [transforms] if isinstance(transforms, str) else list(transforms)
-        src = self.train_source
         batched = [
-            batched_transform(n, self.cfg.image_size, src.channels, src.mean, src.std, self.device)
+            batched_transform(
+                n, self.cfg.image_size, self.channels, self.mean, self.std, self.device
+            )
             for n in names
         ]
         missing = [n for n, p in zip(names, batched, strict=True) if p is None]

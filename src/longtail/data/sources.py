@@ -314,6 +314,39 @@ def load_source(name: str, root: str | Path | None, split: str, **options: Any) 
     return builder(path, split, **options)
 
 
+def select_classes(source: Source, classes: Sequence[int | str] | None) -> Source:
+    """The images of ``classes`` only (names or indices of ``source``'s classes), labelled
+    0.. in the order given; ``source`` itself for None.
+
+    Raises:
+        ValueError: Naming a class the source does not have, or one given twice.
+    """
+    if classes is None:
+        return source
+    index = {name: i for i, name in enumerate(source.classes)}
+    chosen = []
+    for c in classes:
+        i = c if isinstance(c, int) else index.get(c, -1)
+        if not 0 <= i < source.num_classes:
+            raise ValueError(
+                f"classes: no class {c!r}; give names or indices 0..{source.num_classes - 1} "
+                f"of {', '.join(source.classes[:5])}{', ...' if source.num_classes > 5 else ''}"
+            )
+        chosen.append(i)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"classes: a class is given twice in {list(classes)}")
+    relabel = np.full(source.num_classes, -1, dtype=np.int64)
+    relabel[chosen] = np.arange(len(chosen))
+    keep = np.flatnonzero(relabel[source.targets] >= 0)
+    targets, names = relabel[source.targets[keep]], [source.classes[i] for i in chosen]
+    if isinstance(source, ArraySource):
+        return ArraySource(source.images[keep], targets, names, source.mean, source.std)
+    if isinstance(source, FileSource):
+        paths = [source.paths[i] for i in keep]
+        return FileSource(source.root, paths, targets, names, source.mean, source.std)
+    raise TypeError(f"cannot select classes of a {type(source).__name__}")
+
+
 def _no_options(name: str, options: dict[str, Any]) -> None:
     if options:
         raise ValueError(f"dataset {name!r} takes no options; got {', '.join(sorted(options))}")

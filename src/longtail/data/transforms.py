@@ -9,6 +9,7 @@ what contrastive methods mean by it: one of several augmented copies of the same
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,24 @@ SMALL_MAX = 64
 # Evaluation resize for large images: the usual 224 / 256 centre-crop fraction.
 CROP_FRACTION = 0.875
 
-TransformBuilder = Callable[[int, int, Sequence[float], Sequence[float]], Callable[[Any], Any]]
+
+@dataclass(frozen=True)
+class Resize:
+    """How images over SMALL_MAX are resized: the evaluation resize (shorter side to
+    ``size / crop_fraction``, then a centre crop of ``size``) and the interpolation of every
+    resize. A pretrained network's weights come with their own."""
+
+    crop_fraction: float = CROP_FRACTION
+    interpolation: str = "bilinear"
+
+    @property
+    def mode(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode(self.interpolation)
+
+
+TransformBuilder = Callable[
+    [int, int, Sequence[float], Sequence[float], Resize], Callable[[Any], Any]
+]
 #: Each transform: its per-image builder (torchvision v2, on PIL images or uint8
 #: tensors), and in its metadata ``batched``, ``(size, channels) -> (ops, ops after
 #: normalisation)``, the same operations on a whole batch on the device (the fast path) for
@@ -76,24 +94,31 @@ def _crop_flip(size: int) -> list[Any]:
     return [v2.Resize(size), v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
 
 
-def _resized_crop_flip(size: int) -> list[Any]:
-    return [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+def _resized_crop_flip(size: int, resize: Resize) -> list[Any]:
+    return [v2.RandomResizedCrop(size, interpolation=resize.mode), v2.RandomHorizontalFlip()]
 
 
 @TRANSFORMS.register("test", batched=lambda size, c: ([], []))
-def _test(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _test(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     if size <= SMALL_MAX:
         return _wrap([v2.Resize(size), v2.CenterCrop(size)], mean, std)
-    return _wrap([v2.Resize(int(size / CROP_FRACTION)), v2.CenterCrop(size)], mean, std)
+    side = int(size / resize.crop_fraction)
+    return _wrap([v2.Resize(side, interpolation=resize.mode), v2.CenterCrop(size)], mean, std)
 
 
 @TRANSFORMS.register("crop-flip", batched=lambda size, c: ([pad_crop(4), flip], []))
-def _cf(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _cf(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     return _wrap(_crop_flip(size), mean, std)
 
 
 @TRANSFORMS.register("hybrid", batched=lambda size, c: ([pad_crop(4), flip, grayscale(0.2)], []))
-def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _hybrid(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     return _wrap(_crop_flip(size) + _grayscale(channels), mean, std)
 
 
@@ -101,7 +126,9 @@ def _hybrid(size: int, channels: int, mean: Sequence[float], std: Sequence[float
     "hybrid-jitter",
     batched=lambda size, c: ([pad_crop(4), flip, _batched_jitter(c), grayscale(0.2)], []),
 )
-def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _hj(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     return _wrap(_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
 
 
@@ -112,7 +139,9 @@ def _hj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -
         [cutout(0.25)],  # after normalisation: the square is set to the mean
     ),
 )
-def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _strong(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     """BCL's classifier view. Small images: pad-crop, flip, AutoAugment's CIFAR-10 policy and
     Cutout (a square of half the side set to the mean, inside the image); large ones:
     random-resized crop, flip and RandAugment (2 ops, magnitude 9)."""
@@ -120,7 +149,9 @@ def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float
         policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
         cutout = v2.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.0)
         return _wrap([*_crop_flip(size), policy], mean, std, after=[cutout])
-    return _wrap([*_resized_crop_flip(size), v2.RandAugment(num_ops=2, magnitude=9)], mean, std)
+    return _wrap(
+        [*_resized_crop_flip(size, resize), v2.RandAugment(num_ops=2, magnitude=9)], mean, std
+    )
 
 
 @TRANSFORMS.register(
@@ -130,10 +161,13 @@ def _strong(size: int, channels: int, mean: Sequence[float], std: Sequence[float
         [],
     ),
 )
-def _simclr(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def _simclr(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
     """SimCLR's views as BCL uses them: random-resized crop (20-100% of the area), flip,
     colour jitter (p 0.8), grayscale (p 0.2); large images also get Gaussian blur (p 0.5)."""
-    steps = [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip()]
+    crop = v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=resize.mode)
+    steps = [crop, v2.RandomHorizontalFlip()]
     steps += _jitter(channels) + _grayscale(channels)
     if size > SMALL_MAX:
         kernel = 2 * (size // 20) + 1  # about a tenth of the side, odd
@@ -142,22 +176,35 @@ def _simclr(size: int, channels: int, mean: Sequence[float], std: Sequence[float
 
 
 @TRANSFORMS.register("imagenet")
-def _inet(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return _wrap(_resized_crop_flip(size), mean, std)
+def _inet(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
+    return _wrap(_resized_crop_flip(size, resize), mean, std)
 
 
 @TRANSFORMS.register("imagenet-hybrid")
-def _ih(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return _wrap(_resized_crop_flip(size) + _grayscale(channels), mean, std)
+def _ih(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
+    return _wrap(_resized_crop_flip(size, resize) + _grayscale(channels), mean, std)
 
 
 @TRANSFORMS.register("imagenet-hybrid-jitter")
-def _ihj(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return _wrap(_resized_crop_flip(size) + _jitter(channels) + _grayscale(channels), mean, std)
+def _ihj(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
+) -> v2.Compose:
+    return _wrap(
+        _resized_crop_flip(size, resize) + _jitter(channels) + _grayscale(channels), mean, std
+    )
 
 
 def build_transform(
-    name: str, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
+    name: str,
+    image_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: Resize | None = None,
 ) -> Callable[[Any], torch.Tensor]:
     """Build a registered transform.
 
@@ -167,6 +214,7 @@ def build_transform(
         channels: 1 or 3; must match the images and ``mean``/``std``.
         mean: Per-channel normalisation mean in [0, 1] units.
         std: Per-channel normalisation std in [0, 1] units.
+        resize: How images over SMALL_MAX are resized (default: 0.875 crop, bilinear).
 
     Returns:
         A callable mapping a PIL image or uint8 tensor to a normalised float tensor.
@@ -178,7 +226,7 @@ def build_transform(
         raise ValueError(f"mean and std need {channels} value(s); got {mean} and {std}")
     if image_size < 1:
         raise ValueError(f"image size must be >= 1; got {image_size}")
-    return builder(int(image_size), channels, mean, std)
+    return builder(int(image_size), channels, mean, std, resize or Resize())
 
 
 class MultiView:

@@ -41,7 +41,13 @@ from torch.utils.data import DataLoader
 
 from longtail.config import Config, OptimConfig, reject_booleans_for_numbers
 from longtail.data import SAMPLERS, TRANSFORMS, RunData
-from longtail.models import PrototypeBank, build_backbone, build_classifier, layer_depths
+from longtail.models import (
+    PrototypeBank,
+    build_backbone,
+    build_classifier,
+    layer_depths,
+    load_backbone_weights,
+)
 from longtail.registry import Registry
 
 Batches = Mapping[str, Any]
@@ -115,10 +121,18 @@ class Method(nn.Module):
     #: The classifier (and its options) when the config's ``model.classifier`` is not set.
     default_classifier: ClassVar[tuple[str, dict[str, Any]]] = ("linear", {})
 
-    def __init__(self, cfg: Config, options: MethodOptions) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        options: MethodOptions,
+        weights: bool | Mapping[str, Tensor] = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.opts = options
+        #: What :meth:`new_backbone` starts from: random (False), the published weights
+        #: (True) or a state_dict; build_method gives ``model.pretrained`` for a new run only.
+        self.weights = weights
         self.stage: Stage | None = None
         self._frozen: list[nn.Module] = []
         #: The 0-based step of the epoch that ``training_step`` computes (set by the engine),
@@ -135,10 +149,18 @@ class Method(nn.Module):
         """The classifier when ``model.classifier`` is unset (a variant may want another)."""
         return cls.default_classifier
 
+    def new_backbone(self, channels: int) -> nn.Module:
+        """A backbone as the config names it, from :attr:`weights`."""
+        name = self.cfg.model.backbone
+        backbone = build_backbone(name, channels, pretrained=self.weights is True)
+        if isinstance(self.weights, Mapping):
+            load_backbone_weights(backbone, self.weights)
+        return backbone
+
     def setup(self, data: RunData) -> None:
         """Build the modules; the default is ``backbone`` and ``classifier``."""
         m = self.cfg.model
-        self.backbone = build_backbone(m.backbone, in_channels=data.channels)
+        self.backbone = self.new_backbone(data.channels)
         name = m.classifier or self.default_classifier[0]
         self.classifier = build_classifier(
             name, self.backbone.feature_dim, data.num_classes, **m.classifier_options
@@ -152,6 +174,8 @@ class Method(nn.Module):
         """Make every parameter trainable again, then run the stage's own ``start``."""
         self.stage = stage
         self.unfreeze()
+        if self.cfg.model.freeze_backbone:  # a linear probe
+            self.freeze(self.backbone)
         if stage.start is not None:
             stage.start()
 

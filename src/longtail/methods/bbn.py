@@ -20,6 +20,7 @@ from pydantic import AfterValidator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from longtail.config import Config
 from longtail.data import RunData
 from longtail.methods.base import (
     Batches,
@@ -30,7 +31,7 @@ from longtail.methods.base import (
     register_method,
 )
 from longtail.methods.curriculum import CURRICULA, curriculum_alpha
-from longtail.models import build_backbone, build_classifier
+from longtail.models import TIMM_PREFIX, build_classifier
 
 
 class BBNOptions(MethodOptions):
@@ -45,11 +46,19 @@ class BBN(Method):
     Options = BBNOptions
     opts: BBNOptions
 
+    @classmethod
+    def check_config(cls, cfg: Config, options: MethodOptions) -> None:
+        if cfg.model.backbone.startswith(TIMM_PREFIX):
+            raise ValueError(
+                "bbn splits a backbone before its last stage (last_stage, forward_trunk): use "
+                "a CIFAR or torchvision ResNet, not a timm model"
+            )
+
     def setup(self, data: RunData) -> None:
         m = self.cfg.model
-        self.backbone = build_backbone(m.backbone, in_channels=data.channels)
+        self.backbone = self.new_backbone(data.channels)
         # The re-balancing branch: the last stage of a second backbone, initialised apart.
-        self.rebalancing = build_backbone(m.backbone, in_channels=data.channels).last_stage
+        self.rebalancing = self.new_backbone(data.channels).last_stage
         self.classifier = build_classifier(
             str(m.classifier or self.default_classifier[0]),
             2 * self.backbone.feature_dim,

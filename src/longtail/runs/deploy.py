@@ -22,7 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from longtail import jsonio
 from longtail.data import build_transform
 from longtail.data.sources import check_plain_tree, decode_image, walk_images
-from longtail.data.transforms import CROP_FRACTION, SMALL_MAX
+from longtail.data.transforms import SMALL_MAX
 from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
@@ -87,7 +87,9 @@ def predict_images(
         raise UsageError(f"{{top_k}} must be >= 1, got {top_k}")
     files = find_images(paths)
     cfg, method, info = load_run(run_dir, checkpoint)
-    transform = build_transform(info.transform, info.image_size, info.channels, info.mean, info.std)
+    transform = build_transform(
+        info.transform, info.image_size, info.channels, info.mean, info.std, info.resize
+    )
     device = next(method.parameters()).device
     k = min(top_k, info.num_classes)
     rows: list[dict[str, Any]] = []
@@ -165,7 +167,8 @@ def write_predictions_csv(
 def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, Any]:
     """What sits beside an exported model: class names and how to prepare an image."""
     # What the "test" transform does (data.transforms); another transform is named as it is.
-    side = info.image_size if info.image_size <= SMALL_MAX else int(info.image_size / CROP_FRACTION)
+    small = info.image_size <= SMALL_MAX
+    side = info.image_size if small else int(info.image_size / info.resize.crop_fraction)
     steps = (
         [f"resize the shorter side to {side} px", f"centre-crop {info.image_size} px"]
         if info.transform == "test"
@@ -173,7 +176,11 @@ def preprocessing_card(info: RunInfo, fmt: str, model_file: str) -> dict[str, An
     )
     # The same steps as numbers, for code that prepares images from the card alone.
     geometry = (
-        {"resize_shorter_side": side, "interpolation": "bilinear", "centre_crop": info.image_size}
+        {
+            "resize_shorter_side": side,
+            "interpolation": "bilinear" if small else info.resize.interpolation,
+            "centre_crop": info.image_size,
+        }
         if info.transform == "test"
         else {}
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from longtail import jsonio
 from longtail.build import build_data, build_method, config_key, method_options, validate
 from longtail.config import Config, config_from_dict, deep_merge, load_yaml, parse_overrides
 from longtail.data import RunData, default_root
+from longtail.data.transforms import CROP_FRACTION, Resize
 from longtail.engine import distributed
 from longtail.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from longtail.engine.run_dir import RunDir
@@ -168,7 +169,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{s['steps_per_epoch']} steps, {s['schedule']}"
         for s in plan
     )
-    return [data_line, f"train: {summary['method']}, {stages}"]
+    backbone = f", {summary['backbone']}" if "backbone" in summary else ""
+    return [data_line, f"train: {summary['method']}{backbone}, {stages}"]
+
+
+def describe_weights(cfg: Config) -> str:
+    """The start of the backbone, for the run's summary."""
+    p = cfg.model.pretrained
+    if p is False:
+        return "random init"
+    if p is True:
+        return "published weights"
+    return f"weights of {shown(p)}"
 
 
 def data_summary(
@@ -186,6 +198,7 @@ def data_summary(
         "found": len(data.train_source),
         **sizes,
         "method": cfg.method_name,
+        "backbone": f"{cfg.model.backbone} from {describe_weights(cfg)}",
         **({"plan": plan} if plan is not None else {}),
         "per_image_transforms": sorted(data.per_image_transforms),
         "ratio": cfg.data.ratio,
@@ -201,8 +214,10 @@ def data_summary(
             "transform": cfg.train.test_transform,
             "image_size": cfg.data.image_size,
             "channels": data.channels,
-            "mean": [float(v) for v in data.train_source.mean],
-            "std": [float(v) for v in data.train_source.std],
+            "mean": [float(v) for v in data.mean],
+            "std": [float(v) for v in data.std],
+            "crop_fraction": data.resize.crop_fraction,
+            "interpolation": data.resize.interpolation,
         },
     }
 
@@ -391,6 +406,7 @@ class RunInfo:
         mean: Per-channel normalisation mean, [0, 1] units.
         std: Per-channel normalisation std, [0, 1] units.
         transform: The evaluation transform (``train.test_transform``).
+        resize: Its resize of images over 64 px (centre-crop fraction, interpolation).
     """
 
     classes: list[str]
@@ -400,6 +416,7 @@ class RunInfo:
     mean: list[float]
     std: list[float]
     transform: str
+    resize: Resize = field(default_factory=Resize)
 
     @property
     def num_classes(self) -> int:
@@ -420,6 +437,10 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
             mean=[float(v) for v in pre["mean"]],
             std=[float(v) for v in pre["std"]],
             transform=str(pre["transform"]),
+            resize=Resize(  # runs before 0.3 have neither: what they used
+                float(pre.get("crop_fraction", CROP_FRACTION)),
+                str(pre.get("interpolation", "bilinear")),
+            ),
         )
     except FileNotFoundError:
         raise UsageError(f"{shown(run_dir)} is not a run directory: {shown(path)} is missing") from None

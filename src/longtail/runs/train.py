@@ -38,6 +38,7 @@ from longtail.runs.read import (
     subsampling_warning,
     summary_lines,
 )
+from longtail.runs.pretrained import pretrained_weights, with_weights_preprocessing
 from longtail.runs.report import report_run
 
 
@@ -117,7 +118,7 @@ def _run_config(
         return (resume_config(saved, changes)[0], saved) if changes else (saved, None)
     if cfg is None:
         raise UsageError("a new run needs a config (or resume=True to continue one)")
-    cfg = validate(cfg)
+    cfg = with_weights_preprocessing(validate(cfg))
     if main:
         run.check_new()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,11 +143,12 @@ def _set_up(cfg: Config, resume: bool) -> tuple[torch.device, RunData, Method, l
             "set it to false on the CPU"
         )
     seed_everything(cfg.seed)
+    weights = False if resume else pretrained_weights(cfg)  # a bad file fails before the data
     data = build_data(cfg)
     if distributed.is_main_from_env():
         data.check_files()  # every split: a corrupt test image is found now, not after training
     data.pin_memory, data.device = device.type == "cuda", device
-    method = build_method(cfg, data, device)
+    method = build_method(cfg, data, device, weights)
     if cfg.train.sync_bn:
         method = distributed.sync_batch_norm(method)
     if cfg.train.compile:  # the module stays as it is (its state_dict keys unchanged)
