@@ -101,8 +101,8 @@ def write_table(results: dict, path: Path) -> None:
         f"{results['pretrain_top1']:.4f}); then classes 5-9 at ratio 100 "
         f"({sum(next(iter(results['runs'].values()))['train_counts']):,} images), "
         f"{b['epochs']} epochs, batch {b['batch_size']}, from that backbone or from random "
-        f"weights. {results['backbone']}, {results['image_size']} px; commit {results['commit']}; {hw['cpu']}, {hw['cores']} "
-        f"cores, torch {hw['torch']}; overrides {b['overrides']}. Test: the full balanced "
+        f"weights. {results['backbone']}, {results['image_size']} px; commit "
+        f"{results['commit']}; {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; overrides {b['overrides']}. Test: the full balanced "
         "test set of classes 5-9, last epoch; mean and sample sd over training seeds (same "
         "long-tailed subset).",
         "",
