@@ -103,8 +103,8 @@ def write_table(results: dict, path: Path) -> None:
         f"{b['epochs']} epochs, batch {b['batch_size']}, from that backbone or from random "
         f"weights. {results['backbone']}, {results['image_size']} px; commit "
         f"{results['commit']}; {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; "
-        f"overrides {b['overrides']}. Test: the full balanced test set of classes 5-9, last epoch; mean and sample sd over training seeds (same "
-        "long-tailed subset).",
+        f"overrides {b['overrides']}. Test: the full balanced test set of classes 5-9, "
+        "last epoch; mean and sample sd over training seeds (same long-tailed subset).",
         "",
         "| method | backbone start | seeds | top-1 mean | top-1 sd | top-1 per seed | many "
         "| medium | few | ECE | wall time per run (s) |",
