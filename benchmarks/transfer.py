@@ -89,6 +89,7 @@ def collect(out: Path) -> dict:
             "train_counts": ev["train_counts"],
             "classes": ev["classes"],
             "wall_s": wall,
+            "epochs": load_config(run_dir / "config.yaml").train.epochs,
         }
     return runs
 
@@ -150,12 +151,13 @@ def main() -> None:
             for method in args.methods:
                 for start in STARTS:
                     fine_tune(args.out, first, method, start, seed, args, extra)
+    runs = collect(args.out)
     results = {
         "hardware": hardware(),
         "commit": commit(),
-        "budget": {
-            "pretrain_epochs": args.pretrain_epochs,
-            "epochs": args.epochs,
+        "budget": {  # as the runs on disk were trained
+            "pretrain_epochs": load_config(first / "config.yaml").train.epochs,
+            "epochs": sorted({r["epochs"] for r in runs.values()}),
             "batch_size": args.batch_size,
             "overrides": args.overrides,
         },
@@ -163,7 +165,7 @@ def main() -> None:
         "pretrain_images": json.loads((first / "data.json").read_text())["total"],
         "backbone": load_config(first / "config.yaml").model.backbone,
         "image_size": load_config(first / "config.yaml").data.image_size,
-        "runs": collect(args.out),
+        "runs": runs,
     }
     (args.out / "transfer.json").write_text(json.dumps(results, indent=1))
     write_table(results, args.out / "transfer.md")
