@@ -12,6 +12,15 @@ Each with the fast data path (automatic) and with the per-image path (data.fast_
 Writes <out>/throughput.json and <out>/throughput.md.
 
     python benchmarks/throughput.py --steps 12 --out benchmarks/results/throughput
+
+With ``--jpeg-folder DIR`` it measures instead the practitioner's case: a folder of
+camera-size JPEGs (written there first: 500 x 375, long-tailed over 10 classes), the
+configs/folder ResNet-50 recipe at 224 px (random init: the speed is the same), the
+per-image path (decode + random-resized crop + RandAugment + normalise) with 0 and
+``--workers`` loader processes against the no-data bound, and the data path's steps alone.
+
+    python benchmarks/throughput.py --jpeg-folder /tmp/jpegs --steps 4 --rounds 3 \
+        --out benchmarks/results/throughput-jpeg
 """
 
 from __future__ import annotations
@@ -45,9 +54,8 @@ def _images(batches: StepBatches) -> int:
 
 
 def measure(
-    recipe: str, fast: bool, steps: int, warmup: int, rounds: int, device: torch.device
+    recipe: str, sets: list[str], steps: int, warmup: int, rounds: int, device: torch.device
 ) -> dict:
-    sets = ["data.n_max=1500", "train.batch_size=128", f"data.fast_path={str(fast).lower()}"]
     cfg = validate(load_config(recipe, sets))
     seed_everything(0)
     data = build_data(cfg, need_test=False)
@@ -112,8 +120,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating measurements, median")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"))
+    p.add_argument("--jpeg-folder", type=Path, help="measure a 224-px JPEG folder instead")
+    p.add_argument("--images", type=int, default=600, help="JPEGs to write (--jpeg-folder)")
+    p.add_argument("--batch-size", type=int, default=16, help="(--jpeg-folder)")
+    p.add_argument("--workers", type=int, default=2, help="loader processes (--jpeg-folder)")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.jpeg_folder is not None:
+        jpeg_folder(args, device)
+        return
     results = {
         "hardware": {
             "cpu": cpu_name(),
@@ -130,8 +145,9 @@ def main() -> None:
     for name in args.methods:
         for fast in (True, False):
             key = f"{name}/{'fast' if fast else 'per-image'}"
+            sets = ["data.n_max=1500", "train.batch_size=128", f"data.fast_path={fast}".lower()]
             results["runs"][key] = measure(
-                METHODS[name], fast, args.steps, args.warmup, args.rounds, device
+                METHODS[name], sets, args.steps, args.warmup, args.rounds, device
             )
             r = results["runs"][key]
             line = f"{key}: {r['end_to_end']:.0f} img/s end to end, bound {r['bound']:.0f} "
@@ -154,6 +170,113 @@ def main() -> None:
         path = f"{path} ({r['loader']})"
         lines.append(f"| {name} | {path} | {r['end_to_end']:.0f} | {r['bound']:.0f} | "
                      f"{r['ratio']:.2f} | {r['data']:.0f} |")  # fmt: skip
+    (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
+
+
+def write_jpegs(root: Path, total: int, seed: int = 0) -> None:
+    """``root/train/<class>/<i>.jpg`` (and a small test split): 500 x 375 RGB JPEGs at
+    quality 90, smooth colour fields with noise (about what a camera photo costs to decode),
+    counts long-tailed over 10 classes at ratio 10."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "train").is_dir():
+        return
+    rng = np.random.default_rng(seed)
+    counts = [max(1, round(total * 0.1 ** (c / 9) / 4.3)) for c in range(10)]
+    yy, xx = np.mgrid[0:375, 0:500] / 500.0
+    for split, per_class in (("train", counts), ("test", [4] * 10)):
+        for c, n in enumerate(per_class):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a, b, ph = rng.uniform(2, 12, 3)
+                field = [np.sin(a * xx + ph * k) * np.cos(b * yy - k) for k in range(3)]
+                img = np.stack(field, -1) * 90 + 128 + rng.normal(0, 18, (375, 500, 3))
+                Image.fromarray(img.clip(0, 255).astype("uint8")).save(
+                    folder / f"{i}.jpg", quality=90
+                )
+
+
+def data_steps(root: Path, n: int) -> dict[str, float]:
+    """Images/s of each step of the per-image path, on one core: JPEG decode, then the
+    training transform's parts at 224 px."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from longtail.data import build_transform
+    from longtail.data.sources import IMAGENET_MEAN, IMAGENET_STD
+
+    files = sorted((root / "train").rglob("*.jpg"))[:n]
+    crop = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
+    randaug = v2.RandAugment(num_ops=2, magnitude=9)
+    strong = build_transform("strong", 224, 3, IMAGENET_MEAN, IMAGENET_STD)
+    rates = {}
+    t0 = time.perf_counter()
+    decoded = [Image.open(f).convert("RGB") for f in files]
+    rates["decode (PIL)"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cropped = [crop(img) for img in decoded]
+    rates["random-resized crop + flip"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for x in cropped:
+        randaug(x)
+    rates["RandAugment (2 ops, 224 px)"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for f in files:
+        strong(Image.open(f).convert("RGB"))
+    rates["all of it: decode + 'strong' transform"] = n / (time.perf_counter() - t0)
+    return rates
+
+
+def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
+    write_jpegs(args.jpeg_folder, args.images)
+    recipe = "configs/folder/ce-resnet50.yaml"
+    common = [f"data.root={args.jpeg_folder}", "model.pretrained=false",
+              f"train.batch_size={args.batch_size}", "train.transform=strong"]  # fmt: skip
+    results: dict = {
+        "hardware": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },  # fmt: skip
+        "commit": commit(),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "runs": {},
+        "data_steps": data_steps(args.jpeg_folder, 48),
+    }
+    for workers in (0, args.workers):
+        key = f"ce-resnet50/{workers} workers"
+        results["runs"][key] = measure(
+            recipe, [*common, f"data.num_workers={workers}"], args.steps, args.warmup,
+            args.rounds, device,
+        )  # fmt: skip
+        r = results["runs"][key]
+        print(f"{key}: {r['end_to_end']:.1f} img/s end to end, bound {r['bound']:.1f} "
+              f"({r['ratio']:.2f}), data alone {r['data']:.1f}", flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps(results, indent=1))
+    hw = results["hardware"]
+    lines = [
+        f"JPEG folder (500 x 375, quality 90), configs/folder/ce-resnet50.yaml at 224 px with "
+        f"RandAugment ('strong'), batch {args.batch_size}; medians of {args.rounds} alternating "
+        f"measurements of {args.steps} steps after {args.warmup}; {hw['device']} ({hw['cpu']}, "
+        f"{hw['cores']} cores, {hw['threads']} threads), torch {hw['torch']}, commit "
+        f"{results['commit']}.",
+        "",
+        "| loader | end to end (img/s) | bound, data in memory (img/s) | ratio | data alone "
+        "(img/s) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, r in results["runs"].items():
+        lines.append(f"| {key.split('/')[1]} | {r['end_to_end']:.1f} | {r['bound']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['data']:.1f} |")  # fmt: skip
+    lines += ["", "| step of the per-image path, one process | images/s |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in results["data_steps"].items()]
     (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
 
 
