@@ -317,3 +317,15 @@ def test_the_recipe_command_fine_tunes_from_a_local_file(pattern_folder, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resnet50 from weights of {tmp_path / 'resnet50.pth'}" in done.stdout + done.stderr
     assert json.loads((out / "eval_test.json").read_text())["top1"] >= 0
+
+
+def test_dscl_on_a_vit_says_pbsd_needs_a_feature_map(tiny_fmnist):
+    raw = tiny_config(tiny_fmnist, method={"name": "dscl", "classifier_epochs": 1},
+                      model={"backbone": "timm/vit_tiny_patch16_224"}, train={"epochs": 2},
+                      data={"image_size": 224})  # fmt: skip
+    cfg = validate(config_from_dict(raw))
+    with pytest.raises(UsageError, match="dscl's PBSD pools boxes of a feature map.*pbsd_weight"):
+        build_method(cfg, build_data(cfg))
+    raw["method"]["pbsd_weight"] = 0.0
+    cfg = validate(config_from_dict(raw))
+    assert build_method(cfg, build_data(cfg)).backbone.feature_dim == 192

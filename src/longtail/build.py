@@ -156,8 +156,7 @@ def build_method(
     """
     options = method_options(cfg.method_name, cfg.method_options)
     method = METHODS.get(cfg.method_name)(cfg, options, weights)
-    with config_key("model.pretrained"):
-        method.setup(data)
+    method.setup(data)
     method.weights = False  # used by setup; not kept beside the weights it gave
     if device is not None:
         method = method.to(device)

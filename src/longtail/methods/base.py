@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from longtail.config import Config, OptimConfig, reject_booleans_for_numbers
 from longtail.data import SAMPLERS, TRANSFORMS, RunData
+from longtail.errors import UsageError
 from longtail.models import (
     PrototypeBank,
     build_backbone,
@@ -154,7 +155,10 @@ class Method(nn.Module):
         name = self.cfg.model.backbone
         backbone = build_backbone(name, channels, pretrained=self.weights is True)
         if isinstance(self.weights, Mapping):
-            load_backbone_weights(backbone, self.weights)
+            try:
+                load_backbone_weights(backbone, self.weights)
+            except ValueError as e:
+                raise UsageError(f"config key 'model.pretrained': {e}") from None
         return backbone
 
     def setup(self, data: RunData) -> None:

@@ -30,6 +30,7 @@ from longtail.config import Config
 from longtail.data import RunData
 from longtail.data.batch_augment import Draw
 from longtail.data.dataset import item_seed
+from longtail.errors import UsageError
 from longtail.losses import decoupled_contrastive_loss, pbsd_loss
 from longtail.methods.base import (
     Batches,
@@ -94,6 +95,8 @@ class DSCL(FirstStageWarmStart, Method):
 
     def setup(self, data: RunData) -> None:
         super().setup(data)  # backbone, classifier (trained in the classifier stage only)
+        if self.opts.pbsd_weight > 0:
+            self._check_feature_map(data.channels)
         standardised_classifier(self, self.opts)
         m, dim = self.cfg.model, self.backbone.feature_dim
         self.head = ProjectionMLP(dim, m.projection_hidden, m.projection_dim, m.projection_bn)
@@ -156,6 +159,21 @@ class DSCL(FirstStageWarmStart, Method):
         x0 = draw.uniform(0.0, 1.0, o.patches).reshape(-1) * (width - w)
         y0 = draw.uniform(0.0, 1.0, o.patches).reshape(-1) * (height - h)
         return torch.stack([x0, y0, x0 + w, y0 + h], dim=1).to(device)
+
+    def _check_feature_map(self, channels: int) -> None:
+        """PBSD pools boxes of a (N, C, h, w) feature map: a backbone of tokens (a ViT)
+        cannot give them."""
+        size = self.cfg.data.image_size
+        was_training = self.backbone.training
+        with torch.no_grad():
+            fmap = self.backbone.eval().forward_features(torch.zeros(1, channels, size, size))
+        self.backbone.train(was_training)
+        if fmap.dim() != 4:
+            raise UsageError(
+                f"config key 'model.backbone': dscl's PBSD pools boxes of a feature map, but "
+                f"{self.cfg.model.backbone} gives shape {tuple(fmap.shape)}; use a "
+                "convolutional backbone or set method.pbsd_weight: 0"
+            )
 
     def _feature_step(self, batches: Batches, epoch: int) -> dict[str, Tensor]:
         o = self.opts
