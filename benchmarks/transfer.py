@@ -168,8 +168,9 @@ def main() -> None:
         "runs": runs,
     }
     (args.out / "transfer.json").write_text(json.dumps(results, indent=1))
-    write_table(results, args.out / "transfer.md")
-    print((args.out / "transfer.md").read_text())
+    if runs:
+        write_table(results, args.out / "transfer.md")
+        print((args.out / "transfer.md").read_text())
 
 
 if __name__ == "__main__":
