@@ -40,9 +40,18 @@ from longtail.methods.ce import CrossEntropy
 from longtail.methods.decoupling import Decoupling
 from longtail.methods.dscl import DSCL
 from longtail.methods.hybrid import Hybrid
+from longtail.methods.paco import PaCo
 from longtail.methods.reweighting import Reweighting
 from longtail.methods.two_stage import TwoStageSC
-from references import bcl_loop, dscl_loop, mpsc_loop, pbsd_loop, psc_loop, sup_con_loop
+from references import (
+    bcl_loop,
+    dscl_loop,
+    mpsc_loop,
+    paco_loop,
+    pbsd_loop,
+    psc_loop,
+    sup_con_loop,
+)
 
 Terms = dict[str, Tensor]
 StateAfter = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
@@ -361,21 +370,69 @@ def _dscl_step(m, data, batches, epoch):
             for name, _ in getattr(m, query_part).named_parameters():
                 old = before[f"{key_part}.{name}"]
                 out[f"{key_part}.{name}"] = mom * old + (1 - mom) * stepped[f"{query_part}.{name}"]
-        queue, queue_labels = before["queue.keys"].clone(), before["queue.labels"].clone()
-        size, start = len(queue), int(before["queue.next"])
-        if size:
-            for i in range(max(0, len(keys) - size), len(keys)):
-                slot = (start + i - max(0, len(keys) - size)) % size
-                queue[slot], queue_labels[slot] = keys[i], labels[i]
-            out["queue.next"] = torch.tensor((start + min(len(keys), size)) % size)
-        out["queue.keys"], out["queue.labels"] = queue, queue_labels
-        return out
+        return {**out, **queue_after(before, keys, labels)}
 
     return terms, state_after
 
 
 def _dscl_loaders(m):
     return _two_stage_loaders(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 2)})
+
+
+# PaCo / GPaCo (Cui et al. 2021, 2023) --------------------------------------------------------
+
+
+def _paco_step(m, data, batches, epoch):
+    o = m.opts
+    (x_q, x_k), y, _ = batches["views"]
+    prior = o.logit_adjust_tau * m.log_prior.to(x_q.dtype)
+    queue, queue_labels = m.queue.keys, m.queue.labels.tolist()
+    if o.momentum_encoder:
+        h = m.backbone(x_q)
+        z, centres, labels = embed(m.head, h), linear_logits(m.classifier, h) + prior, y.tolist()
+        keys = embed(m.key_head, m.key_backbone(x_k))
+        bank, bank_labels = torch.cat([keys, queue]), y.tolist() + queue_labels
+    else:
+        h = torch.cat([m.backbone(x_q), m.backbone(x_k)])
+        z, centres = embed(m.head, h), linear_logits(m.classifier, h) + prior
+        labels, keys = y.tolist() * 2, embed(m.head, h[len(y) :]).detach()
+        bank, bank_labels = queue, queue_labels
+    paco = paco_loop(z, centres, labels, bank, bank_labels, o.alpha, o.temperature)
+    keys, key_labels = keys.detach().clone(), y.clone()
+
+    def state_after(before, stepped):
+        """PaCo: the key encoder moves to the encoder by momentum; both: the keys (PaCo's
+        momentum keys, GPaCo's second views) overwrite the oldest queue slots."""
+        out = {}
+        if o.momentum_encoder:
+            for key_part, part in (("key_backbone", "backbone"), ("key_head", "head")):
+                for name, _ in getattr(m, part).named_parameters():
+                    old = before[f"{key_part}.{name}"]
+                    new = stepped[f"{part}.{name}"]
+                    out[f"{key_part}.{name}"] = o.momentum * old + (1 - o.momentum) * new
+        return {**out, **queue_after(before, keys, key_labels)}
+
+    return {"loss": paco, "paco": paco}, state_after
+
+
+def queue_after(before: dict[str, Tensor], keys: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """A FIFO queue of labelled keys after ``keys`` were pushed: the oldest slots overwritten
+    (only the last ``size`` keys kept when more come), the pointer moved on."""
+    queue, queue_labels = before["queue.keys"].clone(), before["queue.labels"].clone()
+    size, start = len(queue), int(before["queue.next"])
+    out: dict[str, Tensor] = {}
+    if size:
+        skip = max(0, len(keys) - size)
+        for i in range(skip, len(keys)):
+            slot = (start + i - skip) % size
+            queue[slot], queue_labels[slot] = keys[i], labels[i]
+        out["queue.next"] = torch.tensor((start + min(len(keys), size)) % size)
+    out["queue.keys"], out["queue.labels"] = queue, queue_labels
+    return out
+
+
+def _paco_loaders(m):
+    return _per_epoch(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 2)})
 
 
 # BBN (Zhou et al. 2020) -----------------------------------------------------------------------
@@ -536,6 +593,7 @@ REFERENCES: dict[type, Reference] = {
         prepare=_dscl_prepare,
     ),
     BBN: Reference(_bbn_step, _bbn_loaders, predict=_bbn_predict),
+    PaCo: Reference(_paco_step, _paco_loaders, prepare=_dscl_prepare),
     Decoupling: Reference(
         _decoupling_step,
         _decoupling_loaders,

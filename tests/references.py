@@ -96,3 +96,25 @@ def pbsd_loop(student, teacher, keys, queue, queue_labels, tau):
             p_t = torch.softmax(dist(teacher[i, j].detach()), 0)
             terms.append(-(p_t * torch.log_softmax(dist(student[i, j]), 0)).sum())
     return torch.stack(terms).mean()
+
+
+def paco_loop(z, centre_logits, labels, bank, bank_labels, alpha, tau):
+    """PaCo (Cui et al. 2021), anchor by anchor: targets are the centres (logits given) and
+    the other anchors and filled bank slots (dot / tau); the own centre weighs 1 and each
+    same-class sample alpha, normalised by the weights' sum."""
+    n = len(labels)
+    samples = [(z[j], labels[j]) for j in range(n)]
+    samples += [(bank[m], bank_labels[m]) for m in range(len(bank_labels)) if bank_labels[m] != -1]
+    terms = []
+    for i in range(n):
+        entries = [(centre_logits[i, c], "centre", c) for c in range(centre_logits.shape[1])]
+        entries += [(z[i] @ t / tau, "sample", y) for j, (t, y) in enumerate(samples) if j != i]
+        log_d = torch.logsumexp(torch.stack([s for s, _, _ in entries]), 0)
+        num, weight = 0.0, 0.0
+        for s, kind, y in entries:
+            if y != labels[i]:
+                continue
+            w = 1.0 if kind == "centre" else alpha
+            num, weight = num + w * (s - log_d), weight + w
+        terms.append(-num / weight)
+    return torch.stack(terms).mean()

@@ -50,6 +50,7 @@ CONTEXT: dict[tuple[str, str], dict[str, Any]] = {
     ("Decoupling", "classifier_lr"): {"kind": "crt"},
     ("Decoupling", "classifier_weight_decay"): {"kind": "crt"},
     ("Decoupling", "classifier_batch_size"): {"kind": "crt"},
+    ("PaCo", "momentum"): {"momentum_encoder": True},  # gpaco has no momentum encoder
 }
 # Values to perturb to where the generic ones would not bind: the tiny classifier's weight
 # rows have norms near 0.6.

@@ -7,6 +7,7 @@ from longtail.methods import (  # noqa: F401  (registration)
     decoupling,
     dscl,
     hybrid,
+    paco,
     reweighting,
     two_stage,
 )
