@@ -69,6 +69,7 @@ ENTRIES: dict[str, tuple] = {
     # PaCo's key encoder at 0.99 for the same reason as dscl's (about 1,200 steps).
     "paco": ("paco-r100.yaml", {"momentum": 0.99}),
     "gpaco": ("gpaco-r100.yaml", {}),
+    "proco": ("proco-r100.yaml", {}),
     # Why dscl trails two-stage-sc at 10 epochs: the hybrid entries' projection head (hidden
     # 512 with BatchNorm, which keeps SC on small grey images from collapsing), then also
     # two-stage-sc's optimisation (lr 0.5 at batch 512, multistep, weight decay 1e-4, tau 0.1).

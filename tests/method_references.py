@@ -41,6 +41,7 @@ from longtail.methods.decoupling import Decoupling
 from longtail.methods.dscl import DSCL
 from longtail.methods.hybrid import Hybrid
 from longtail.methods.paco import PaCo
+from longtail.methods.proco import ProCo
 from longtail.methods.reweighting import Reweighting
 from longtail.methods.two_stage import TwoStageSC
 from references import (
@@ -49,6 +50,7 @@ from references import (
     mpsc_loop,
     paco_loop,
     pbsd_loop,
+    proco_loop,
     psc_loop,
     sup_con_loop,
 )
@@ -435,6 +437,56 @@ def _paco_loaders(m):
     return _per_epoch(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 2)})
 
 
+# ProCo (Du et al. 2024) -----------------------------------------------------------------------
+
+
+def _running_means(m, z: Tensor, labels: list[int]) -> dict[str, Tensor]:
+    """Each class's mean of every unit feature seen: the kept mean over ``count`` features
+    and the step's, for the estimate and for the epoch's."""
+    vmf, out = m.vmf, {}
+    for mean_name, count_name in (("mean", "count"), ("epoch_mean", "epoch_count")):
+        mean, count = getattr(vmf, mean_name).clone(), getattr(vmf, count_name).clone()
+        for c in range(len(count)):
+            mine = [z[i] for i, y in enumerate(labels) if y == c]
+            if mine:
+                mean[c] = (mean[c] * count[c] + sum(mine)) / (count[c] + len(mine))
+                count[c] += len(mine)
+        out[f"vmf.{mean_name}"], out[f"vmf.{count_name}"] = mean, count
+    return out
+
+
+def _proco_step(m, data, batches, epoch):
+    o = m.opts
+    (x_cls, x_2, x_3), y, _ = batches["views"]
+    prior = o.logit_adjust_tau * m.log_prior.to(x_cls.dtype)
+    ce = ce_loop(linear_logits(m.classifier, m.backbone(x_cls)) + prior, y)
+    z = torch.cat([embed(m.head, m.backbone(x_2)), embed(m.head, m.backbone(x_3))])
+    labels = y.tolist() * 2
+    stats = _running_means(m, z.detach(), labels)
+    mean = stats["vmf.mean"]
+    r = torch.linalg.vector_norm(mean, dim=1)
+    p = mean.shape[1]
+    kappa = r * (p - r**2) / (1 - r**2)  # Banerjee et al. 2005
+    proco = proco_loop(z, labels, mean / r[:, None], kappa, prior, o.temperature)
+    terms = {"loss": ce + o.proco_weight * proco, "ce": ce, "proco": proco}
+    return terms, lambda before, stepped: stats
+
+
+def _proco_loaders(m):
+    return _per_epoch(m, {"views": (m.cfg.train.sampler, m.cfg.train.batch_size, 3)})
+
+
+def _proco_prepare(m) -> None:
+    """Statistics as after an epoch: the steps of the walk start epochs, so each rolls these
+    over (the epoch's means become the estimate) before its step."""
+    g = torch.Generator().manual_seed(5)
+    vmf = m.vmf
+    with torch.no_grad():
+        vmf.epoch_mean.copy_(0.8 * unit(torch.randn(vmf.epoch_mean.shape, generator=g,
+                                                    dtype=vmf.epoch_mean.dtype)))  # fmt: skip
+        vmf.epoch_count.copy_(torch.arange(len(vmf.epoch_count)) % 3)  # some classes unseen
+
+
 # BBN (Zhou et al. 2020) -----------------------------------------------------------------------
 
 
@@ -594,6 +646,7 @@ REFERENCES: dict[type, Reference] = {
     ),
     BBN: Reference(_bbn_step, _bbn_loaders, predict=_bbn_predict),
     PaCo: Reference(_paco_step, _paco_loaders, prepare=_dscl_prepare),
+    ProCo: Reference(_proco_step, _proco_loaders, prepare=_proco_prepare),
     Decoupling: Reference(
         _decoupling_step,
         _decoupling_loaders,

@@ -6,6 +6,8 @@ checked against code that shares nothing with the library's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -117,4 +119,33 @@ def paco_loop(z, centre_logits, labels, bank, bank_labels, alpha, tau):
             w = 1.0 if kind == "centre" else alpha
             num, weight = num + w * (s - log_d), weight + w
         terms.append(-num / weight)
+    return torch.stack(terms).mean()
+
+
+def log_iv_mp(nu: float, x: float) -> float:
+    """log I_nu(x) with mpmath at 40 digits (shares nothing with the library)."""
+    import mpmath
+
+    with mpmath.workdps(40):
+        return float(mpmath.log(mpmath.besseli(nu, x)))
+
+
+def proco_loop(z, labels, mu, kappa, log_prior, tau):
+    """ProCo (Du et al. 2024), anchor by anchor and class by class: the logit of class j is
+    log C_p(kappa_j) - log C_p(|kappa_j mu_j + z / tau|), log C_p(k) = nu log k - log I_nu(k);
+    cross-entropy with the log prior added. Bessel values from mpmath: a constant of the
+    graph, so only the value (not the gradient) is a reference."""
+    p = z.shape[1]
+    nu = p / 2 - 1
+    terms = []
+    for i, y in enumerate(labels):
+        logits = []
+        for j in range(len(kappa)):
+            k = float(kappa[j])
+            tilde = float(torch.linalg.vector_norm(k * mu[j] + z[i].detach() / tau))
+            log_c = nu * math.log(k) - log_iv_mp(nu, k)
+            log_c_tilde = nu * math.log(tilde) - log_iv_mp(nu, tilde)
+            logits.append(log_c - log_c_tilde + float(log_prior[j]))
+        row = torch.tensor(logits, dtype=torch.float64)
+        terms.append(-(row[y] - torch.logsumexp(row, 0)))
     return torch.stack(terms).mean()

@@ -8,6 +8,7 @@ from longtail.methods import (  # noqa: F401  (registration)
     dscl,
     hybrid,
     paco,
+    proco,
     reweighting,
     two_stage,
 )
