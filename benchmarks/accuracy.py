@@ -70,6 +70,12 @@ ENTRIES: dict[str, tuple] = {
     "paco": ("paco-r100.yaml", {"momentum": 0.99}),
     "gpaco": ("gpaco-r100.yaml", {}),
     "proco": ("proco-r100.yaml", {}),
+    # Why the successors sit where they do at 10 epochs: GPaCo's head without BatchNorm (its
+    # recipe's) against the BN head that keeps SC on small grey images from collapsing, and
+    # PaCo / ProCo without the log-prior in their losses.
+    "gpaco-bn-head": ("gpaco-r100.yaml", {}, {"model": {"projection_bn": True}}),
+    "paco-no-la": ("paco-r100.yaml", {"momentum": 0.99, "logit_adjust_tau": 0.0}),
+    "proco-no-la": ("proco-r100.yaml", {"logit_adjust_tau": 0.0}),
     # Why dscl trails two-stage-sc at 10 epochs: the hybrid entries' projection head (hidden
     # 512 with BatchNorm, which keeps SC on small grey images from collapsing), then also
     # two-stage-sc's optimisation (lr 0.5 at batch 512, multistep, weight decay 1e-4, tau 0.1).

@@ -16,8 +16,10 @@ Writes <out>/throughput.json and <out>/throughput.md.
 With ``--jpeg-folder DIR`` it measures instead the practitioner's case: a folder of
 camera-size JPEGs (written there first: 500 x 375, long-tailed over 10 classes), the
 configs/folder ResNet-50 recipe at 224 px (random init: the speed is the same), the
-per-image path (decode + random-resized crop + RandAugment + normalise) with 0 and
-``--workers`` loader processes against the no-data bound, and the data path's steps alone.
+per-image path (PIL decode + random-resized crop + RandAugment + normalise in the loader
+workers) with 0 and ``--workers`` processes, and the device path (the workers read the files;
+decode, crop and RandAugment on the device: data.decode=device), each against the no-data
+bound; and the steps of each path alone.
 
     python benchmarks/throughput.py --jpeg-folder /tmp/jpegs --steps 4 --rounds 3 \
         --out benchmarks/results/throughput-jpeg
@@ -106,6 +108,8 @@ def measure(
         set_loader_epoch(loader, 1)
         for x, _, _ in itertools.islice(loader, steps):
             count += sum(v.shape[0] for v in x) if isinstance(x, list) else x.shape[0]
+    if device.type == "cuda":  # the device path's batches are made asynchronously
+        torch.cuda.synchronize()
     data_rate = count / (time.perf_counter() - t0)
     path = type(next(iter(loaders.values()))).__name__
     return {"end_to_end": end_to_end, "bound": bound, "ratio": end_to_end / bound,
@@ -229,6 +233,47 @@ def data_steps(root: Path, n: int) -> dict[str, float]:
     return rates
 
 
+def device_steps(root: Path, n: int, device: torch.device) -> dict[str, float]:
+    """Images/s of each step of the device path on ``n`` files at once: decode (nvJPEG on
+    CUDA), the per-image random-resized crop to 224 px, and the batched flip + RandAugment +
+    normalisation; medians of 5 after one warm-up."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from longtail.data.batch_augment import Draw
+    from longtail.data.sources import IMAGENET_MEAN, IMAGENET_STD
+    from longtail.data.transforms import Resize, device_transform
+
+    files = sorted((root / "train").rglob("*.jpg"))[:n]
+    data = [read_file(str(f)) for f in files]
+    form = device_transform("strong", 224, 3, IMAGENET_MEAN, IMAGENET_STD, Resize(), device)
+    assert form is not None
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        del out
+        return len(files) / statistics.median(times[1:])
+
+    def draw() -> Draw:
+        return Draw(torch.Generator(device=device).manual_seed(0), len(files), slice(None))
+
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    cropped = form.crop(decoded, draw())
+    return {
+        "decode (nvJPEG)": timed(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device)),
+        "random-resized crop to 224 (per image)": timed(lambda: form.crop(decoded, draw())),
+        "flip + RandAugment + normalise (batched)": timed(lambda: form.rest(cropped, draw())),
+        "all of it": timed(
+            lambda: form(decode_jpeg(data, mode=ImageReadMode.RGB, device=device), draw())
+        ),  # fmt: skip
+    }
+
+
 def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
     write_jpegs(args.jpeg_folder, args.images)
     recipe = "configs/folder/ce-resnet50.yaml"
@@ -249,12 +294,14 @@ def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
         "runs": {},
         "data_steps": data_steps(args.jpeg_folder, 48),
     }
-    for workers in (0, args.workers):
-        key = f"ce-resnet50/{workers} workers"
-        results["runs"][key] = measure(
-            recipe, [*common, f"data.num_workers={workers}"], args.steps, args.warmup,
-            args.rounds, device,
-        )  # fmt: skip
+    if device.type == "cuda":
+        results["device_steps"] = device_steps(args.jpeg_folder, 4 * args.batch_size, device)
+    paths = [(0, "workers"), (args.workers, "workers"), (args.workers, "device")]
+    for workers, decode in paths:
+        where = "PIL per image" if decode == "workers" else "decoded on the device"
+        key = f"ce-resnet50/{workers} workers, {where}"
+        sets = [*common, f"data.num_workers={workers}", f"data.decode={decode}"]
+        results["runs"][key] = measure(recipe, sets, args.steps, args.warmup, args.rounds, device)
         r = results["runs"][key]
         print(f"{key}: {r['end_to_end']:.1f} img/s end to end, bound {r['bound']:.1f} "
               f"({r['ratio']:.2f}), data alone {r['data']:.1f}", flush=True)  # fmt: skip
@@ -262,7 +309,8 @@ def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
     (args.out / "throughput.json").write_text(json.dumps(results, indent=1))
     hw = results["hardware"]
     lines = [
-        f"JPEG folder (500 x 375, quality 90), configs/folder/ce-resnet50.yaml at 224 px with "
+        f"JPEG folder (500 x 375, quality 90, {args.images} images), "
+        f"configs/folder/ce-resnet50.yaml at 224 px with "
         f"RandAugment ('strong'), batch {args.batch_size}; medians of {args.rounds} alternating "
         f"measurements of {args.steps} steps after {args.warmup}; {hw['device']} ({hw['cpu']}, "
         f"{hw['cores']} cores, {hw['threads']} threads), torch {hw['torch']}, commit "
@@ -277,6 +325,10 @@ def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
                      f"{r['ratio']:.2f} | {r['data']:.1f} |")  # fmt: skip
     lines += ["", "| step of the per-image path, one process | images/s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in results["data_steps"].items()]
+    if "device_steps" in results:
+        lines += ["", f"| step of the device path, batches of {4 * args.batch_size} | images/s |",
+                  "|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v:.0f} |" for k, v in results["device_steps"].items()]
     (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
 
 

@@ -78,6 +78,11 @@ class DataConfig(_Strict):
     # they fit (in-memory sets, folders up to fast_path_max_images) and every transform has a
     # batched form; false: per-image loaders always.
     fast_path: bool = True
+    # JPEG folders over 64 px: "device" reads the files in the loader workers and decodes and
+    # augments each batch on the training device (nvJPEG on CUDA) when every transform has a
+    # device form; "workers" decodes and augments with PIL in the workers; "auto" is device
+    # on a CUDA device, else workers.
+    decode: Literal["auto", "workers", "device"] = "auto"
     fast_path_max_images: int = Field(200_000, ge=0)
 
     @field_validator("std")

@@ -348,3 +348,59 @@ def cutout(fraction: float) -> Op:
         return x.masked_fill(inside[:, None], 0.0)
 
     return op
+
+
+class RandAugmentBatch:
+    """torchvision's RandAugment for a batch: for each of ``num_ops`` rounds every image
+    draws one of its 14 operations uniformly (Identity included) and a sign for the
+    magnitude, which is bin ``magnitude`` of 31 as torchvision's (sizes for translations from
+    the ``size`` x ``size`` images)."""
+
+    def __init__(self, num_ops: int, magnitude: int, size: int) -> None:
+        reference = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+        space = reference._AUGMENTATION_SPACE
+        self.names = list(space)
+        self.num_ops = num_ops
+        self.magnitudes: dict[str, float] = {}
+        self.signed: dict[str, bool] = {}
+        for name, (values_of, signed) in space.items():
+            values = values_of(reference.num_magnitude_bins, size, size)
+            self.magnitudes[name] = 0.0 if values is None else float(values[magnitude])
+            self.signed[name] = bool(signed)
+
+    def __call__(self, x: Tensor, d: Draw) -> Tensor:
+        for _ in range(self.num_ops):
+            op = d.integers(len(self.names)).cpu()
+            negative = (d.uniform(0.0, 1.0) <= 0.5).cpu()
+            for i, name in enumerate(self.names):
+                rows = torch.nonzero(op == i).flatten()
+                if name == "Identity" or not len(rows):
+                    continue
+                m = torch.full((len(rows),), self.magnitudes[name], dtype=torch.float64)
+                if self.signed[name]:
+                    m = torch.where(negative[rows], -m, m)
+                if name == "Solarize":
+                    m = m.clamp(max=1.0)
+                rows = rows.to(x.device)
+                x = x.index_copy(0, rows, _apply(name, x[rows], m.to(x.device, x.dtype)))
+        return x
+
+
+def gaussian_blur(kernel: int, sigma: tuple[float, float], p: float) -> Op:
+    """RandomApply([GaussianBlur(kernel, sigma)], p): each chosen image blurred with its own
+    sigma, uniform in ``sigma``, by a separable kernel with reflected borders."""
+    half = kernel // 2
+
+    def op(x: Tensor, d: Draw) -> Tensor:
+        b, c, h, w = x.shape
+        s = d.uniform(*sigma)[:, None]
+        on = d.chance(p)
+        t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)[None, :]
+        k = torch.exp(-0.5 * (t / s.to(x.dtype)) ** 2)
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, kernel)
+        y = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")
+        y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+        y = F.conv2d(y, k[:, None, :, None], groups=b * c).view(b, c, h, w)
+        return torch.where(on[:, None, None, None], y, x)
+
+    return op

@@ -13,22 +13,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as v2f
 
 from longtail import parallel
 from longtail.config import DataConfig
 from longtail.data.batch_augment import BatchedTransform, Draw
 from longtail.data.dataset import EpochKeys, LTDataset, item_seed
+from longtail.data.decode import DecodeLoader, EncodedFiles, collate_encoded, jpeg_files
 from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
 from longtail.data.sources import ArraySource, FileSource, Source, load_source, select_classes
 from longtail.data.transforms import (
     CROP_FRACTION,
+    SMALL_MAX,
     MultiView,
     Resize,
     batched_transform,
     build_transform,
+    device_transform,
 )
 from longtail.errors import DataError
 
@@ -61,6 +64,8 @@ class RunData:
     #: Transforms that put a loader on the per-image path although the fast path is on (no
     #: batched form, or images larger than it handles).
     per_image_transforms: set[str] = field(default_factory=set)
+    #: Transforms of JPEGs decoded and augmented on the device (``data.decode``).
+    decoded_on_device: set[str] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, seed: int = 0, need_test: bool = True) -> RunData:
@@ -233,6 +238,9 @@ class RunData:
         fast = self._fast_loader(transforms, order, local, batch_size, rank)
         if fast is not None:
             return fast
+        decoded = self._decode_loader(transforms, order, local, batch_size, rank, k_per_class)
+        if decoded is not None:
+            return decoded
         if k_per_class:
             return self._loader(dataset, batch_sampler=EpochKeys(order))
         return self._loader(dataset, sampler=EpochKeys(order), batch_size=local, drop_last=True)
@@ -259,6 +267,53 @@ class RunData:
             return None
         chosen = batched[0] if isinstance(transforms, str) else batched
         return DeviceLoader(*cache, order, local, global_batch, rank, chosen, self.seed)  # type: ignore[arg-type]
+
+    def _decode_loader(
+        self,
+        transforms: str | Sequence[str],
+        order: Any,
+        local: int,
+        global_batch: int,
+        rank: int,
+        k_per_class: int | None,
+    ) -> DecodeLoader | None:
+        """JPEGs decoded and augmented on the device (``data.decode``), or None."""
+        mode = self.cfg.decode
+        if mode == "workers" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        if self.cfg.image_size <= SMALL_MAX:
+            return None
+        if not jpeg_files(self.train_source, self.train_indices):
+            if mode == "device":
+                raise DataError(
+                    "data.decode: device decodes JPEG files only, and the training set has "
+                    "others; set data.decode: workers"
+                )
+            return None
+        names = [transforms] if isinstance(transforms, str) else list(transforms)
+        forms = [
+            device_transform(
+                n, self.cfg.image_size, self.channels, self.mean, self.std, self.resize, self.device
+            )  # fmt: skip
+            for n in names
+        ]
+        missing = [n for n, f in zip(names, forms, strict=True) if f is None]
+        if missing:  # said before training, as for the fast path
+            self.per_image_transforms.update(missing)
+            return None
+        self.decoded_on_device.update(names)
+        self.per_image_transforms.difference_update(names)  # the fast path's note
+        dataset = EncodedFiles(self.train_source, self.train_indices)  # type: ignore[arg-type]
+        if k_per_class:
+            loader = self._loader(dataset, batch_sampler=EpochKeys(order),
+                                  collate_fn=collate_encoded)  # fmt: skip
+        else:
+            loader = self._loader(dataset, sampler=EpochKeys(order), batch_size=local,
+                                  drop_last=True, collate_fn=collate_encoded)  # fmt: skip
+        chosen = forms[0] if isinstance(transforms, str) else forms
+        rows = slice(rank * local, (rank + 1) * local)
+        return DecodeLoader(loader, order, chosen, self.channels, self.device, self.seed,  # type: ignore[arg-type]
+                            global_batch, rows)  # fmt: skip
 
     def device_images(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The training images at the training size as one (N, C, H, W) uint8 tensor on the
@@ -299,7 +354,7 @@ class RunData:
         dataset = LTDataset(source, indices, self.transform(transform))
         return self._loader(dataset, batch_size=batch_size, shuffle=False)
 
-    def _loader(self, dataset: LTDataset, **kw: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kw: Any) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
@@ -337,7 +392,7 @@ def cached_images(
 
 def loader_sampler(loader: DataLoader) -> Any:
     """The object that orders a loader's epoch: its batch sampler or its sampler."""
-    if isinstance(loader, DeviceLoader):
+    if isinstance(loader, (DeviceLoader, DecodeLoader)):
         return loader.sampler
     bs = loader.batch_sampler
     found = bs if hasattr(bs, "set_epoch") else loader.sampler

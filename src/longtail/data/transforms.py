@@ -19,13 +19,16 @@ from longtail.data.batch_augment import (
     AutoAugmentPolicy,
     BatchedTransform,
     Op,
+    RandAugmentBatch,
     color_jitter,
     cutout,
     flip,
+    gaussian_blur,
     grayscale,
     pad_crop,
     resized_crop,
 )
+from longtail.data.decode import Crop, DeviceTransform
 from longtail.registry import Registry
 
 # Images up to this side get the CIFAR-style treatment (pad-and-crop, no centre crop margin).
@@ -54,9 +57,13 @@ TransformBuilder = Callable[
 #: Each transform: its per-image builder (torchvision v2, on PIL images or uint8
 #: tensors), and in its metadata ``batched``, ``(size, channels) -> (ops, ops after
 #: normalisation)``, the same operations on a whole batch on the device (the fast path) for
-#: images up to SMALL_MAX; a transform without it trains on the per-image path.
+#: images up to SMALL_MAX; and in ``device``, ``(size, channels) -> (crop scale or None,
+#: ops, ops after normalisation)``, its form for larger JPEGs decoded on the device (the crop
+#: to ``size`` per image, None for the evaluation resize and centre crop; then the ops on the
+#: batch). A transform without the form it needs trains on the per-image path.
 TRANSFORMS: Registry[TransformBuilder] = Registry("transform")
 BatchedBuilder = Callable[[int, int], tuple[list[Op], list[Op]]]
+RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop's default area range
 
 
 def _batched_jitter(channels: int) -> Op:
@@ -98,7 +105,9 @@ def _resized_crop_flip(size: int, resize: Resize) -> list[Any]:
     return [v2.RandomResizedCrop(size, interpolation=resize.mode), v2.RandomHorizontalFlip()]
 
 
-@TRANSFORMS.register("test", batched=lambda size, c: ([], []))
+@TRANSFORMS.register(
+    "test", batched=lambda size, c: ([], []), device=lambda size, c: (None, [], [])
+)
 def _test(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
 ) -> v2.Compose:
@@ -138,6 +147,7 @@ def _hj(
         [pad_crop(4), flip, AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10, size)],
         [cutout(0.25)],  # after normalisation: the square is set to the mean
     ),
+    device=lambda size, c: (RRC_SCALE, [flip, RandAugmentBatch(2, 9, size)], []),
 )
 def _strong(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
@@ -160,6 +170,11 @@ def _strong(
         [resized_crop(size, (0.2, 1.0), (3 / 4, 4 / 3)), flip, _batched_jitter(c), grayscale(0.2)],
         [],
     ),
+    device=lambda size, c: (
+        (0.2, 1.0),
+        [flip, _batched_jitter(c), grayscale(0.2), _batched_blur(size)],
+        [],
+    ),
 )
 def _simclr(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
@@ -170,26 +185,39 @@ def _simclr(
     steps = [crop, v2.RandomHorizontalFlip()]
     steps += _jitter(channels) + _grayscale(channels)
     if size > SMALL_MAX:
-        kernel = 2 * (size // 20) + 1  # about a tenth of the side, odd
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        blur = v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))
+        steps.append(v2.RandomApply([blur], p=0.5))
     return _wrap(steps, mean, std)
 
 
-@TRANSFORMS.register("imagenet")
+def _blur_kernel(size: int) -> int:
+    return 2 * (size // 20) + 1  # about a tenth of the side, odd
+
+
+def _batched_blur(size: int) -> Op:
+    return gaussian_blur(_blur_kernel(size), (0.1, 2.0), 0.5)
+
+
+@TRANSFORMS.register("imagenet", device=lambda size, c: (RRC_SCALE, [flip], []))
 def _inet(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
 ) -> v2.Compose:
     return _wrap(_resized_crop_flip(size, resize), mean, std)
 
 
-@TRANSFORMS.register("imagenet-hybrid")
+@TRANSFORMS.register(
+    "imagenet-hybrid", device=lambda size, c: (RRC_SCALE, [flip, grayscale(0.2)], [])
+)
 def _ih(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
 ) -> v2.Compose:
     return _wrap(_resized_crop_flip(size, resize) + _grayscale(channels), mean, std)
 
 
-@TRANSFORMS.register("imagenet-hybrid-jitter")
+@TRANSFORMS.register(
+    "imagenet-hybrid-jitter",
+    device=lambda size, c: (RRC_SCALE, [flip, _batched_jitter(c), grayscale(0.2)], []),
+)
 def _ihj(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], resize: Resize
 ) -> v2.Compose:
@@ -270,3 +298,29 @@ def batched_transform(
         torch.tensor(std, device=device).view(shape),
         after,
     )
+
+
+def device_transform(
+    name: str,
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: Resize,
+    device: torch.device,
+) -> DeviceTransform | None:
+    """The form of transform ``name`` for JPEGs decoded on ``device``, or None where it has
+    none (images up to SMALL_MAX, which the fast path serves, or no ``device`` form)."""
+    form = TRANSFORMS.meta(name).get("device")
+    if size <= SMALL_MAX or form is None:
+        return None
+    scale, ops, after = form(size, channels)
+    shape = (1, channels, 1, 1)
+    rest = BatchedTransform(
+        ops,
+        torch.tensor(mean, device=device).view(shape),
+        torch.tensor(std, device=device).view(shape),
+        after,
+    )
+    crop = Crop(size, scale, crop_fraction=resize.crop_fraction, interpolation=resize.interpolation)
+    return DeviceTransform(crop, rest)

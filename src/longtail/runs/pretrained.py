@@ -31,9 +31,10 @@ KEY = "config key 'model.pretrained'"
 def _run_of(path: Path) -> RunDir | None:
     """The run directory that ``path`` is, or holds the checkpoint ``path``; else None."""
     for candidate in (path, path.parent.parent):
-        if RunDir(candidate).config.is_file() and RunDir(candidate).data_json.is_file():
-            if candidate == path or path.parent == RunDir(candidate).checkpoints:
-                return RunDir(candidate)
+        run = RunDir(candidate)
+        is_run = run.config.is_file() and run.data_json.is_file()
+        if is_run and (candidate == path or path.parent == run.checkpoints):
+            return run
     return None
 
 

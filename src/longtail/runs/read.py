@@ -163,6 +163,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"; per-image loaders, the fast path has no batched form of "
             f"{', '.join(map(repr, slow))} at {pre['image_size']} px"
         )
+    decoded = summary.get("decoded_on_device")
+    if decoded:
+        data_line += (
+            f"; JPEGs decoded and augmented on the device for {', '.join(map(repr, decoded))}"
+        )
     plan = summary["plan"]
     stages = "; ".join(
         f"{'' if len(plan) == 1 else s['stage'] + ' '}{s['epochs']} epochs x "
@@ -201,6 +206,7 @@ def data_summary(
         "backbone": f"{cfg.model.backbone} from {describe_weights(cfg)}",
         **({"plan": plan} if plan is not None else {}),
         "per_image_transforms": sorted(data.per_image_transforms),
+        "decoded_on_device": sorted(data.decoded_on_device),
         "ratio": cfg.data.ratio,
         "n_max": cfg.data.n_max,
         "profile": cfg.data.profile,
@@ -443,7 +449,9 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
             ),
         )
     except FileNotFoundError:
-        raise UsageError(f"{shown(run_dir)} is not a run directory: {shown(path)} is missing") from None
+        raise UsageError(
+            f"{shown(run_dir)} is not a run directory: {shown(path)} is missing"
+        ) from None
     except (ValueError, KeyError, TypeError):
         raise LongtailError(
             f"{shown(path)} lacks the preprocessing of the run's images (written by an older "

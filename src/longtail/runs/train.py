@@ -25,6 +25,7 @@ from longtail.engine.run_dir import RunDir
 from longtail.engine.trainer import fit, seed_everything
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.methods import Method
+from longtail.runs.pretrained import pretrained_weights, with_weights_preprocessing
 from longtail.runs.read import (
     check_checkpoint,
     check_extension,
@@ -38,7 +39,6 @@ from longtail.runs.read import (
     subsampling_warning,
     summary_lines,
 )
-from longtail.runs.pretrained import pretrained_weights, with_weights_preprocessing
 from longtail.runs.report import report_run
 
 
