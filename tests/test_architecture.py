@@ -28,10 +28,11 @@ LAYERS = {
     "longtail.engine": 4,
     "longtail.build": 5,
     "longtail.runs": 6,
-    "longtail.api": 7,
-    "longtail.cli": 7,
-    "longtail.entry": 8,
-    "longtail.__main__": 9,
+    "longtail.studies": 7,
+    "longtail.api": 8,
+    "longtail.cli": 8,
+    "longtail.entry": 9,
+    "longtail.__main__": 10,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ from longtail.runs.deploy import (
 from longtail.runs.read import evaluate_run, skipped_links_warning
 from longtail.runs.report import compare_row, format_table, report_run
 from longtail.runs.train import train as run_training
+from longtail.studies import (
+    StudyPlace,
+    load_study,
+    open_studies,
+    progress,
+    status_lines,
+    work,
+    write_report,
+)
 
 
 class Interrupted(LongtailError):
@@ -60,6 +70,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch datasets.")
 app.add_typer(data_app, name="data")
+study_app = typer.Typer(
+    no_args_is_help=True,
+    help="Studies: several recipes x seeds x searched options on one data set, in Optuna's "
+    "storage, worked through by one or many workers.",
+)
+app.add_typer(study_app, name="study")
 
 
 def _print_json(obj: Any) -> None:
@@ -355,6 +371,106 @@ def data_download(
             raise
     path = download_dataset(dataset, where)
     print(f"{dataset} is in {path}")
+
+
+StudyFile = Annotated[Path, typer.Argument(help="the study file (YAML)")]
+StudyDir = Annotated[
+    Path | None, typer.Option("--dir", help="the study folder (default studies/<name>)")
+]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        help="database URL of the study (default: sqlite in the study folder), e.g. "
+        "postgresql://user@host/db to share it between machines"
+    ),
+]
+
+
+def _place(study: Path, folder: Path | None, storage: str | None) -> StudyPlace:
+    spec, base = load_study(study)
+    return StudyPlace.of(spec, base, folder, storage)
+
+
+@study_app.command("run")
+def study_run(
+    study: StudyFile,
+    folder: StudyDir = None,
+    storage: Storage = None,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes on this machine")] = 1,
+    nproc: Annotated[
+        int, typer.Option("--nproc-per-trial", min=1, help="processes per trial (torchrun)")
+    ] = 1,
+) -> None:
+    """Create the study (every trial enqueued) and work through it; run it again to resume."""
+    place = _place(study, folder, storage)
+    open_studies(place)  # created and enqueued once, before the workers start
+    print(f"study {place.spec.name}: {place.folder} ({place.url})")
+    if workers == 1:
+        work(place, nproc)
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "longtail",
+            "study",
+            "worker",
+            str(study),
+            "--dir",
+            str(place.folder),
+            "--storage",
+            place.url,
+            "--nproc-per-trial",
+            str(nproc),
+        ]
+        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise LongtailError(f"a worker exited with code {max(codes)}; see its output above")
+    for line in status_lines(place):
+        print(line)
+    print(f"report: longtail study report {study}" + (f" --dir {folder}" if folder else ""))
+
+
+@study_app.command("worker")
+def study_worker(
+    study: StudyFile,
+    folder: StudyDir = None,
+    storage: Storage = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc-per-trial", min=1, help="processes per trial (torchrun)")
+    ] = 1,
+) -> None:
+    """Claim and train the study's trials until none is left (one per GPU or machine)."""
+    place = _place(study, folder, storage)
+    trained = work(place, nproc)
+    print(f"worker done: {trained} trial(s) trained here")
+
+
+@study_app.command("status")
+def study_status(
+    study: StudyFile,
+    folder: StudyDir = None,
+    storage: Storage = None,
+    watch: Annotated[
+        float, typer.Option(help="print again every this many seconds until all finish")
+    ] = 0.0,
+) -> None:
+    """Trials done, running, waiting, pruned and failed, with a progress bar."""
+    place = _place(study, folder, storage)
+    while True:
+        for line in status_lines(place):
+            print(line)
+        p = progress(place)
+        if not watch or p["finished"] >= p["total"]:
+            return
+        time.sleep(watch)
+
+
+@study_app.command("report")
+def study_report(study: StudyFile, folder: StudyDir = None, storage: Storage = None) -> None:
+    """Write report.html and report.md in the study folder from the finished trials."""
+    html_path, md_path = write_report(_place(study, folder, storage))
+    print(f"report: {html_path}\nmarkdown: {md_path}")
 
 
 def main() -> None:

@@ -61,6 +61,9 @@ class DataConfig(_Strict):
     seed: int = 0  # seed of the long-tail subsampling (the standard recipe uses 0)
     image_size: int = Field(32, ge=8)  # pixels, side of the network input
     val_split: str | None = None  # a split of the dataset used for "best" selection
+    # Or a validation split held out of the training split: this many images per class, first
+    # from those the long-tailed subset leaves out, else (at most a fifth) from its own.
+    val_per_class: int | None = Field(None, ge=1)
     # Keep only these classes (names or indices of the dataset's classes), labelled in this
     # order: e.g. Fashion-MNIST's 0-4 to pretrain on and 5-9 to transfer to.
     classes: list[int | str] | None = Field(None, min_length=1)

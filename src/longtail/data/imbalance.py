@@ -117,3 +117,30 @@ def check_counts(
     name = classes[i] if i < len(classes) else str(i)
     more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
     raise DataError(f"class {i} ({name!r}){more} has no training images; {fix}")
+
+
+def hold_out(
+    targets: np.ndarray, kept: np.ndarray, per_class: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A validation split of ``per_class`` images per class, held out of the training split.
+
+    Each class's images come first from those the long-tailed subset ``kept`` leaves out (a
+    subsampled benchmark leaves many: its training set is unchanged), then from its kept
+    images, at most a fifth of them (a folder that is long-tailed already loses little of a
+    rare class, which then has fewer validation images).
+
+    Returns:
+        ``kept`` without the held-out images (order kept) and the held-out indices.
+    """
+    rng = np.random.default_rng([seed, 7919])  # its own stream: the subset's draw is unchanged
+    in_kept = np.zeros(len(targets), dtype=bool)
+    in_kept[kept] = True
+    held: list[np.ndarray] = []
+    for c in np.unique(targets):
+        outside = rng.permutation(np.flatnonzero((targets == c) & ~in_kept))[:per_class]
+        inside = np.flatnonzero((targets == c) & in_kept)
+        need = min(per_class - len(outside), len(inside) // 5)
+        taken = rng.permutation(inside)[: max(need, 0)]
+        held += [outside, taken]
+    held_out = np.sort(np.concatenate(held)).astype(np.int64)
+    return kept[~np.isin(kept, held_out)], held_out

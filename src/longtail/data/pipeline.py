@@ -21,9 +21,16 @@ from longtail.config import DataConfig
 from longtail.data.batch_augment import BatchedTransform, Draw
 from longtail.data.dataset import EpochKeys, LTDataset, item_seed
 from longtail.data.decode import DecodeLoader, EncodedFiles, collate_encoded, jpeg_files
-from longtail.data.imbalance import check_counts, class_counts, long_tail_indices
+from longtail.data.imbalance import check_counts, class_counts, hold_out, long_tail_indices
 from longtail.data.samplers import KPerClassBatchSampler, SwitchingSampler, build_sampler
-from longtail.data.sources import ArraySource, FileSource, Source, load_source, select_classes
+from longtail.data.sources import (
+    ArraySource,
+    FileSource,
+    Source,
+    load_source,
+    select_classes,
+    subset,
+)
 from longtail.data.transforms import (
     CROP_FRACTION,
     SMALL_MAX,
@@ -85,9 +92,16 @@ class RunData:
             test = select_classes(
                 load_source(cfg.dataset, cfg.root, "test", **options), cfg.classes
             )
+        if cfg.val_split and cfg.val_per_class:
+            raise ValueError(
+                "data.val_split and data.val_per_class both name a validation split; keep one"
+            )
         if cfg.val_split:
             val = load_source(cfg.dataset, cfg.root, cfg.val_split, **options)
             val = select_classes(val, cfg.classes)
+        elif cfg.val_per_class:
+            indices, held = hold_out(train.targets, indices, cfg.val_per_class, seed=cfg.seed)
+            val = subset(train, held)
         for other in (test, val):
             if other is not None and other.num_classes != train.num_classes:
                 raise DataError(

@@ -314,6 +314,19 @@ def load_source(name: str, root: str | Path | None, split: str, **options: Any) 
     return builder(path, split, **options)
 
 
+def subset(source: Source, indices: np.ndarray) -> Source:
+    """Images ``indices`` of ``source`` as a source of their own (same classes)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    targets = source.targets[indices]
+    if isinstance(source, ArraySource):
+        return ArraySource(source.images[indices], targets, source.classes, source.mean,
+                           source.std)  # fmt: skip
+    if isinstance(source, FileSource):
+        paths = [source.paths[i] for i in indices]
+        return FileSource(source.root, paths, targets, source.classes, source.mean, source.std)
+    raise TypeError(f"cannot take a subset of a {type(source).__name__}")
+
+
 def select_classes(source: Source, classes: Sequence[int | str] | None) -> Source:
     """The images of ``classes`` only (names or indices of ``source``'s classes), labelled
     0.. in the order given; ``source`` itself for None.

@@ -79,11 +79,12 @@ def subsampling_warning(cfg: Config, data: RunData) -> str | None:
     """One line when data.ratio or data.n_max drops images of a data set the user brought."""
     d = cfg.data
     found, used = len(data.train_source), len(data)
-    if d.dataset in BENCHMARKS or used == found:
+    held = len(data.val_source) if d.val_per_class and data.val_source is not None else 0
+    keys = [f"data.{k}={v}" for k, v in (("ratio", d.ratio), ("n_max", d.n_max)) if v is not None]
+    if d.dataset in BENCHMARKS or used + held == found or not keys:
         return None
     whole = np.bincount(data.train_source.targets, minlength=data.num_classes)
     rarest = int(np.argmin(whole))
-    keys = [f"data.{k}={v}" for k, v in (("ratio", d.ratio), ("n_max", d.n_max)) if v is not None]
     return (
         f"{' and '.join(keys)} keep{'s' if len(keys) == 1 else ''} {used:,} of the {found:,} "
         f"training images in {shown(data_location(cfg))} (rarest class "

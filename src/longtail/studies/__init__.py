@@ -1,0 +1,20 @@
+"""Studies: many runs of several recipes over seeds and searched options, on one data set and
+one budget, kept in Optuna's storage and worked through by one or many workers."""
+
+from longtail.studies.report import progress, status_lines, summarise, write_report
+from longtail.studies.spec import StudySpec, load_study, trial_config
+from longtail.studies.store import StudyPlace, open_studies, trial_rows, work
+
+__all__ = [
+    "StudyPlace",
+    "StudySpec",
+    "load_study",
+    "open_studies",
+    "progress",
+    "status_lines",
+    "summarise",
+    "trial_config",
+    "trial_rows",
+    "work",
+    "write_report",
+]

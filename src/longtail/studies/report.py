@@ -1,0 +1,240 @@
+"""A study's progress and its report: the table over seeds, the best settings of each search,
+per-class accuracy head to tail.
+
+Entries are ranked by validation top-1 (the split the study selects on); test metrics are
+shown beside it, measured once per trial at its last epoch, and never used to choose.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from longtail.errors import UsageError
+from longtail.studies.store import StudyPlace, trial_rows
+
+STATES = ("complete", "running", "waiting", "pruned", "failed")
+METRICS = ("val_top1", "top1", "many", "medium", "few", "ece")
+
+
+def _retried(rows: list[dict[str, Any]]) -> set[int]:
+    return {r["retry_of"] for r in rows if r.get("retry_of") is not None}
+
+
+def progress(place: StudyPlace) -> dict[str, Any]:
+    """Counts of trials by state per entry (a failed trial that was retried counts once, as
+    its retry), and the running trials with their last epoch."""
+    rows = trial_rows(place)
+    retried = _retried(rows)
+    counts: dict[str, dict[str, int]] = {
+        e.name: dict.fromkeys(STATES, 0) for e in place.spec.entries
+    }
+    running = []
+    for r in rows:
+        if r["state"] == "fail" and r["number"] in retried:
+            continue
+        state = {"fail": "failed"}.get(r["state"], r["state"])
+        counts[r["entry"]][state] = counts[r["entry"]].get(state, 0) + 1
+        if state == "running":
+            epoch = max(r["steps"]) if r["steps"] else 0
+            running.append(f"{r['entry']}/{r['run']} on {r.get('worker', '?')}, epoch {epoch}")
+    total = sum(sum(c.values()) for c in counts.values())
+    finished = sum(c["complete"] + c["pruned"] + c["failed"] for c in counts.values())
+    return {"counts": counts, "running": running, "total": total, "finished": finished}
+
+
+def status_lines(place: StudyPlace, width: int = 30) -> list[str]:
+    """What ``longtail study status`` prints: a bar, then one line per entry."""
+    p = progress(place)
+    share = p["finished"] / p["total"] if p["total"] else 1.0
+    bar = "#" * round(width * share) + "-" * (width - round(width * share))
+    lines = [
+        f"{place.spec.name}: [{bar}] {p['finished']}/{p['total']} trials finished ({place.url})"
+    ]
+    for entry, c in p["counts"].items():
+        said = ", ".join(f"{c[s]} {s}" for s in STATES if c[s])
+        lines.append(f"  {entry}: {said}")
+    lines += [f"  running: {r}" for r in p["running"]]
+    return lines
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(place: StudyPlace) -> dict[str, Any]:
+    """The report's numbers: per entry the fixed trials' metrics over seeds (mean, sd), and
+    per searched entry its best trial by validation top-1."""
+    rows = [r for r in trial_rows(place) if r["state"] == "complete"]
+    fixed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    search: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        (fixed if r["kind"] == "fixed" else search)[r["entry"]].append(r)
+    table = []
+    for entry in place.spec.entries:
+        runs = sorted(fixed.get(entry.name, []), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        row: dict[str, Any] = {"entry": entry.name, "seeds": len(runs)}
+        for m in METRICS:
+            values = [float(r[m]) for r in runs if r.get(m) is not None]
+            row[m], row[f"{m}_sd"] = _mean_sd(values)
+        row["wall_s"] = statistics.fmean(float(r["wall_s"]) for r in runs)
+        row["per_class"] = [
+            statistics.fmean(v) for v in zip(*(r["per_class"] for r in runs), strict=True)
+        ]
+        row["classes"], row["train_counts"] = runs[0]["classes"], runs[0]["train_counts"]
+        table.append(row)
+    table.sort(key=lambda r: -(r["val_top1"] or 0))
+    best = []
+    for entry in place.spec.entries:
+        tried = search.get(entry.name, [])
+        if tried:
+            top = max(tried, key=lambda r: r["val_top1"])
+            best.append(
+                {
+                    "entry": entry.name,
+                    "trials": len(tried),
+                    "params": top["params"],
+                    "val_top1": top["val_top1"],
+                    "top1": top["top1"],
+                    "run": top["run"],
+                }
+            )
+    return {"table": table, "best": best}
+
+
+def _cell(mean: float | None, sd: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+
+def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
+    """The report as markdown: the table over seeds, then the searches' best settings."""
+    spec = place.spec
+    budget = f"{spec.epochs} epochs" if spec.epochs else "each recipe's own epochs"
+    lines = [
+        f"Study {spec.name}: {len(spec.entries)} entries x seeds {spec.seeds}, {budget}. "
+        "Ranked by validation top-1 (held out of the training set; the study selects and "
+        "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
+        "",
+        "| entry | seeds | val top-1 | test top-1 | many | medium | few | ECE | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["table"]:
+        cells = [_cell(r[m], r[f"{m}_sd"]) for m in METRICS]
+        lines.append(
+            f"| {r['entry']} | {r['seeds']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |"
+        )
+    if summary["best"]:
+        lines += [
+            "",
+            "Best settings found (by validation top-1, first seed):",
+            "",
+            "| entry | trials | settings | val top-1 | test top-1 |",
+            "|---|---|---|---|---|",
+        ]
+        for b in summary["best"]:
+            settings = ", ".join(f"{k}={_short(v)}" for k, v in b["params"].items())
+            lines.append(
+                f"| {b['entry']} | {b['trials']} | {settings} | {b['val_top1']:.4f} | "
+                f"{b['top1']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _per_class_png(table: list[dict[str, Any]], best: int = 4) -> str:
+    """Per-class test accuracy of the ``best`` entries, classes ordered head to tail; a
+    base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for r in table[:best]:
+        order = sorted(range(len(r["train_counts"])), key=lambda i: -r["train_counts"][i])
+        ax.plot(
+            range(len(order)),
+            [r["per_class"][i] for i in order],
+            marker="o",
+            ms=3,
+            label=r["entry"],
+        )
+    ax.set_xlabel("class, most training images first")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(place: StudyPlace) -> tuple[Path, Path]:
+    """``report.html`` and ``report.md`` in the study folder.
+
+    Raises:
+        UsageError: When no trial has finished yet.
+    """
+    summary = summarise(place)
+    if not summary["table"] and not summary["best"]:
+        raise UsageError(
+            f"no trial of study {place.spec.name!r} has finished yet; see `longtail study status`"
+        )
+    md = markdown(place, summary)
+    md_path, html_path = place.folder / "report.md", place.folder / "report.html"
+    md_path.write_text(md, encoding="utf-8")
+    plot = _per_class_png(summary["table"]) if summary["table"] else None
+    html_path.write_text(_html(place, md, plot), encoding="utf-8")
+    return html_path, md_path
+
+
+def _html(place: StudyPlace, md: str, plot: str | None) -> str:
+    """The markdown's tables as HTML, with the per-class plot."""
+    body, table = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, rows = table[0], [r for r in table[2:]]
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                    for r in rows
+                )
+                + "</table>"
+            )
+            table = []
+        if line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if plot:
+        body.append("<h2>Per-class test accuracy, head to tail (best entries)</h2>")
+        body.append(f'<img alt="per-class accuracy" src="data:image/png;base64,{plot}">')
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>study "
+        f"{html.escape(place.spec.name)}</title><style>{style}</style></head><body>"
+        f"<h1>Study {html.escape(place.spec.name)}</h1>{''.join(body)}</body></html>\n"
+    )

@@ -1,0 +1,396 @@
+"""A study's trials in Optuna's storage, and the workers that train them.
+
+The study lives in Optuna's storage: an SQLite file in the study folder by default, or any
+database URL (PostgreSQL) that several machines share. It holds one Optuna study for the
+fixed trials (every entry at every seed) and one per searched entry (so that its sampler and
+pruner see only that entry's trials). Every trial is enqueued when the study is created; a
+worker claims the next waiting one through the storage (``Study.ask``), trains it as a
+``longtail train`` process in its run directory, reports the validation top-1 of each epoch
+(a search trial whose value falls under the pruner's bar is stopped), and stores the results
+in the trial. A worker records a heartbeat while it trains; a trial whose worker died is
+failed by the next worker that looks (after the grace period) and enqueued again, and its
+retry continues the run directory from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longtail.config import dump_config
+from longtail.engine.run_dir import RunDir
+from longtail.errors import UsageError, shown
+from longtail.studies.spec import Entry, StudySpec, trial_config
+
+try:
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:  # pragma: no cover - exercised where optuna is absent
+    optuna = None
+
+MAX_RETRY = 3  # times a trial whose worker died is tried again
+FIXED = "runs"  # the Optuna study of the fixed trials; searched entries: "search-<entry>"
+
+
+def _optuna() -> Any:
+    if optuna is None:
+        raise UsageError("longtail study needs optuna: pip install 'longtail[study]'")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class StudyPlace:
+    """Where a study's runs and storage are.
+
+    Attributes:
+        spec: The study file.
+        base: The folder the study file's recipe paths are relative to.
+        folder: The study folder (run directories, logs, the default storage, reports).
+        url: The storage's database URL.
+    """
+
+    spec: StudySpec
+    base: Path
+    folder: Path
+    url: str
+
+    @classmethod
+    def of(cls, spec: StudySpec, base: Path, folder: Path | None, url: str | None) -> StudyPlace:
+        folder = Path(folder) if folder is not None else Path("studies") / spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(spec, base, folder, url or f"sqlite:///{(folder / 'study.db').resolve()}")
+
+    def storage(self) -> Any:
+        """The RDB storage, with heartbeats and retries of trials whose worker died."""
+        opt = _optuna()
+        engine = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite") else {}
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore", opt.exceptions.ExperimentalWarning)
+                return opt.storages.RDBStorage(
+                    self.url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=max(1, round(self.spec.heartbeat_s)),
+                    grace_period=max(1, round(self.spec.grace_s)),
+                    heartbeat_stale_trial_callback=_retry(opt),
+                )
+        except Exception as e:  # sqlalchemy's errors: a bad URL, no server, no driver
+            reason = " ".join(str(e).split())[:200]
+            raise UsageError(f"cannot open the study storage {self.url}: {reason}") from None
+
+    def names(self) -> list[str]:
+        """The Optuna studies: the fixed trials first, then one per searched entry."""
+        return [f"{self.spec.name}:{FIXED}"] + [
+            f"{self.spec.name}:search-{e.name}" for e in self.spec.entries if e.search
+        ]
+
+    def run_dir(self, attrs: dict[str, Any]) -> Path:
+        return self.folder / "runs" / attrs["entry"] / attrs["run"]
+
+
+def _retry(opt: Any) -> Any:
+    """Optuna's callback that enqueues a copy of a trial whose worker died (its params and
+    attributes, so that it continues the same run directory)."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8; its interface is stable
+        warnings.simplefilter("ignore")
+        return opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def _sampler(spec: StudySpec, entry: Entry | None, trial_number: int = 0) -> Any:
+    """The entry's sampler, seeded by the study's seed and the trial's number: workers in
+    other processes draw other values, and a study draws the same ones on a re-run."""
+    opt = _optuna()
+    seed = spec.sampler_seed * 100_003 + trial_number
+    if spec.sampler == "random" or entry is None:
+        return opt.samplers.RandomSampler(seed=seed)
+    assert entry.search is not None
+    startup = max(2, min(10, entry.search.trials // 3))  # random draws before TPE models
+    return opt.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def _pruner(spec: StudySpec) -> Any:
+    opt = _optuna()
+    if spec.pruner == "none":
+        return opt.pruners.NopPruner()
+    return opt.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.prune_after)
+
+
+def open_studies(place: StudyPlace, create: bool = True) -> list[Any]:
+    """The study's Optuna studies, created with all their trials enqueued the first time.
+
+    Raises:
+        UsageError: When ``create`` is False and the storage holds no such study.
+    """
+    opt = _optuna()
+    storage = place.storage()
+    studies = []
+    entries = [None] + [e for e in place.spec.entries if e.search]
+    for name, entry in zip(place.names(), entries, strict=True):
+        kw = {
+            "storage": storage,
+            "study_name": name,
+            "sampler": _sampler(place.spec, entry),
+            "pruner": _pruner(place.spec),
+        }
+        if create:
+            study = opt.create_study(direction="maximize", load_if_exists=True, **kw)
+        else:
+            try:
+                study = opt.load_study(**kw)
+            except KeyError:
+                raise UsageError(
+                    f"the storage {place.url} holds no study {place.spec.name!r}; start it with "
+                    "`longtail study run STUDY.yaml`"
+                ) from None
+        if create and not study.user_attrs.get("enqueued"):
+            _enqueue(place.spec, study, entry)
+        studies.append(study)
+    return studies
+
+
+def _enqueue(spec: StudySpec, study: Any, entry: Entry | None) -> None:
+    study.set_user_attr("enqueued", True)  # first: a second worker starting now skips it
+    if entry is None:
+        for e in spec.entries:
+            for seed in spec.seeds:
+                attrs = {"entry": e.name, "seed": seed, "run": f"seed-{seed}", "kind": "fixed"}
+                study.enqueue_trial({}, user_attrs=attrs)
+        return
+    assert entry.search is not None
+    for k in range(entry.search.trials):
+        attrs = {"entry": entry.name, "seed": spec.seeds[0], "run": f"search-{k}", "kind": "search"}
+        study.enqueue_trial({}, user_attrs=attrs)
+
+
+def _suggest(trial: Any, entry: Entry) -> dict[str, Any]:
+    """The searched options of a search trial (a retry gets its first try's values back)."""
+    if entry.search is None:
+        return {}
+    params: dict[str, Any] = {}
+    for key, p in entry.search.space.items():
+        if p.choices is not None:
+            params[key] = trial.suggest_categorical(key, p.choices)
+        elif p.int:
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), log=p.log)
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, log=p.log)
+    return params
+
+
+@contextmanager
+def heartbeat(storage: Any, trial: Any, every_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat every ``every_s`` seconds while the block runs."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            with contextlib.suppress(Exception):  # a storage hiccup: the next beat tries again
+                storage.record_heartbeat(trial._trial_id)
+
+    storage.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _claim(studies: list[Any]) -> tuple[Any, Any] | None:
+    """The next waiting trial of the first study that has one, claimed; None if none waits."""
+    opt = _optuna()
+    for study in studies:
+        opt.storages.fail_stale_trials(study)  # a dead worker's trial: failed and enqueued again
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            continue
+        trial = study.ask()
+        if "entry" in trial.user_attrs:
+            return study, trial
+        # Another worker took the last waiting trial first: ask() made a new one; close it.
+        trial.set_user_attr("spare", True)
+        study.tell(trial, state=TrialState.FAIL)
+    return None
+
+
+def _running(studies: list[Any]) -> bool:
+    return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in studies)
+
+
+def work(place: StudyPlace, nproc: int = 1, poll_s: float = 2.0, say: Any = print) -> int:
+    """Claim and train trials until none waits and none runs; the number trained.
+
+    Args:
+        place: The study.
+        nproc: Processes per trial (>1: the trial is a torchrun job on this machine).
+        poll_s: Seconds between reads of a running trial's metrics.
+        say: Where to write one line per trial.
+    """
+    studies = open_studies(place)
+    storage = studies[0]._storage
+    done = 0
+    while True:
+        claimed = _claim(studies)
+        if claimed is None:
+            if not _running(studies):
+                return done
+            time.sleep(place.spec.heartbeat_s)  # another worker's trial comes back if it died
+            continue
+        study, trial = claimed
+        with heartbeat(storage, trial, place.spec.heartbeat_s):
+            state, line = run_trial(place, study, trial, nproc, poll_s)
+        say(f"trial {trial.user_attrs['entry']}/{trial.user_attrs['run']}: {line}")
+        done += state == TrialState.COMPLETE
+
+
+def _train_command(run_dir: Path, config: Path | None, nproc: int) -> list[str]:
+    if nproc > 1:
+        start = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    else:
+        start = [sys.executable]
+    cmd = [*start, "-m", "longtail", "train", "--out", str(run_dir), "--no-progress"]
+    return [*cmd, "--resume"] if config is None else [*cmd, "--config", str(config)]
+
+
+def _stop_with_parent() -> None:
+    """In the trial's process: SIGTERM when its worker dies (Linux), so that a killed worker
+    leaves no training behind it; the trainer saves where it stands and exits."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _epochs_seen(metrics: Path) -> list[dict[str, Any]]:
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return out
+
+
+def run_trial(
+    place: StudyPlace, study: Any, trial: Any, nproc: int = 1, poll_s: float = 2.0
+) -> tuple[Any, str]:
+    """Train one claimed trial to its end (or its pruning) and tell the storage."""
+    attrs = trial.user_attrs
+    entry = place.spec.entry(attrs["entry"])
+    study.sampler = _sampler(place.spec, entry if attrs["kind"] == "search" else None,
+                             trial.number)  # fmt: skip
+    params = _suggest(trial, entry)
+    cfg = trial_config(place.spec, entry, attrs["seed"], params, place.base)
+    run_dir = place.run_dir(attrs)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    trial.set_user_attr("params", params)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run = RunDir(run_dir)
+    t0 = time.time()
+    if not run.evaluation().is_file():  # else trained already: a retry after training ended
+        config = None
+        if not run.started():
+            config = run_dir.parent / f"{run_dir.name}.yaml"
+            config.write_text(dump_config(cfg), encoding="utf-8")
+        log = run_dir.parent / f"{run_dir.name}.log"
+        with open(log, "a", encoding="utf-8") as out:
+            proc = subprocess.Popen(
+                _train_command(run_dir, config, nproc), stdout=out, stderr=subprocess.STDOUT
+            )
+            prunable = attrs["kind"] == "search"  # the fixed trials are the table
+            pruned = _follow(proc, run.metrics, study, trial, prunable, poll_s)
+        if pruned is not None:
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED, f"pruned after epoch {pruned}"
+        if proc.returncode != 0:
+            last = [s for s in log.read_text(encoding="utf-8").splitlines() if s.strip()]
+            reason = last[-1] if last else f"exit code {proc.returncode}"
+            trial.set_user_attr("error", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL, f"failed: {reason} (log: {shown(log)})"
+    results = trial_results(run_dir)
+    results["wall_s"] = results.get("wall_s") or time.time() - t0
+    for key, value in results.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, results["val_top1"])
+    return TrialState.COMPLETE, (
+        f"validation top-1 {results['val_top1']:.4f}, test top-1 {results['top1']:.4f}"
+    )
+
+
+def _follow(
+    proc: subprocess.Popen, metrics: Path, study: Any, trial: Any, prunable: bool, poll_s: float
+) -> int | None:
+    """Report each new epoch's validation top-1 until ``proc`` ends; the epoch at which a
+    search trial was pruned (its process stopped), or None."""
+    reported = 0
+    while True:
+        ended = proc.poll() is not None
+        for record in _epochs_seen(metrics)[reported:]:
+            reported += 1
+            if "val/top1" in record:
+                trial.report(float(record["val/top1"]), int(record["epoch"]))
+                if prunable and not ended and trial.should_prune():
+                    proc.terminate()  # the trainer saves where it stands and exits
+                    proc.wait()
+                    return int(record["epoch"])
+        if ended:
+            return None
+        time.sleep(poll_s)
+
+
+def trial_results(run_dir: Path) -> dict[str, Any]:
+    """What a finished trial keeps in the storage: the last epoch's validation top-1 (what
+    the study selects on), the test metrics of the last epoch, per class, and the wall time."""
+    run = RunDir(run_dir)
+    test = json.loads(run.evaluation().read_text(encoding="utf-8"))
+    epochs = [r for r in _epochs_seen(run.metrics) if "val/top1" in r]
+    if not epochs:
+        raise UsageError(f"{shown(run_dir)} has no validation top-1 in metrics.jsonl")
+    wall = sum(float(r.get("epoch_time_s") or 0) for r in _epochs_seen(run.metrics))
+    return {
+        "val_top1": float(epochs[-1]["val/top1"]),
+        **{k: test.get(k) for k in ("top1", "many", "medium", "few", "ece")},
+        "per_class": test.get("per_class"),
+        "classes": test.get("classes"),
+        "train_counts": test.get("train_counts"),
+        "wall_s": wall,
+        "epochs": int(epochs[-1]["epoch"]),
+    }
+
+
+def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
+    """Every trial of the study (spares left out): its state and stored attributes."""
+    rows = []
+    for study in open_studies(place, create=False):
+        for t in study.get_trials(deepcopy=False):
+            if "entry" not in t.user_attrs or t.user_attrs.get("spare"):
+                continue
+            rows.append(
+                {
+                    "state": t.state.name.lower(),
+                    "number": t.number,
+                    "retry_of": t.system_attrs.get("failed_trial"),
+                    "steps": dict(t.intermediate_values),
+                    **t.user_attrs,
+                }
+            )
+    return rows

@@ -1,0 +1,283 @@
+"""Studies: recipes x seeds x a search in Optuna's storage, worked through by several workers
+(SQLite and a real PostgreSQL server), a worker killed mid-trial, a study stopped and resumed,
+and the report; the validation split held out of the training set."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from longtail.data.imbalance import hold_out
+from longtail.errors import UsageError
+from longtail.studies import StudyPlace, load_study, progress, summarise, trial_rows
+
+optuna = pytest.importorskip("optuna")
+
+TRAIN = {"epochs": 3, "batch_size": 8, "device": "cpu", "report": False, "threads": 1}
+
+
+def _recipe(folder: Path, name: str, method: dict) -> Path:
+    cfg = {
+        "name": name,
+        "method": method,
+        "data": {"dataset": "folder", "root": None, "ratio": None, "image_size": 12},
+        "model": {"backbone": "convnet-tiny", "projection_hidden": 16, "projection_dim": 8},
+        "train": TRAIN,
+        "optim": {"lr": 0.05, "milestones": [2], "weight_decay": 5e-4},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _study(tmp_path: Path, data: Path, search_trials: int = 4, seeds=(0, 1), **extra) -> Path:
+    """2 entries (ce, logit-adjust) x ``seeds``, plus a search over logit-adjust's lr."""
+    _recipe(tmp_path, "ce", {"name": "ce"})
+    _recipe(tmp_path, "la", {"name": "logit-adjust"})
+    entries: list[dict] = [{"name": "ce", "recipe": "ce.yaml"}, {"name": "la", "recipe": "la.yaml"}]
+    if search_trials:
+        entries[1]["search"] = {
+            "trials": search_trials,
+            "space": {"optim.lr": {"low": 0.01, "high": 0.2, "log": True}},
+        }
+    spec = {
+        "name": "tiny",
+        "seeds": list(seeds),
+        "set": {"data.root": str(data), "data.val_per_class": 2},
+        "entries": entries,
+        "heartbeat_s": 1,
+        "grace_s": 4,
+        **extra,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longtail", *args], capture_output=True,
+                          text=True, timeout=600, **kw)  # fmt: skip
+
+
+def _place(study: Path, folder: Path, url: str | None = None) -> StudyPlace:
+    spec, base = load_study(study)
+    return StudyPlace.of(spec, base, folder, url)
+
+
+def test_hold_out_takes_a_balanced_split_from_outside_the_long_tail_first():
+    targets = np.repeat(np.arange(3), 100)
+    kept = np.concatenate([np.arange(0, 100), np.arange(100, 130), np.arange(200, 205)])
+    train, val = hold_out(targets, kept, 10, seed=0)
+    assert not set(train) & set(val) and set(train) | set(val) <= set(range(300))
+    assert np.bincount(targets[val]).tolist() == [10, 10, 10]  # class 0 has no image outside
+    assert np.bincount(targets[train], minlength=3).tolist() == [90, 30, 5]
+    # every image kept (a folder): at most a fifth of each class is held out
+    folder = np.repeat(np.arange(3), [100, 30, 4])
+    train, val = hold_out(folder, np.arange(134), 10)
+    assert np.bincount(folder[val], minlength=3).tolist() == [10, 6, 0]
+    assert len(train) + len(val) == 134
+    assert np.array_equal(hold_out(targets, kept, 10, seed=3)[1],
+                          hold_out(targets, kept, 10, seed=3)[1])  # fmt: skip
+
+
+def test_a_study_file_is_checked_before_anything_runs(tmp_path, pattern_folder):
+    study = _study(tmp_path, pattern_folder)
+    spec, _ = load_study(study)
+    assert [e.name for e in spec.entries] == ["ce", "la"]
+    raw = yaml.safe_load(study.read_text())
+    for change, needle in (
+        ({"set": {"data.root": str(pattern_folder)}}, "selects and prunes on a validation split"),
+        ({"entries": raw["entries"] * 2}, "given twice: ce, la"),
+        ({"entries": [{"name": "x", "recipe": "nope.yaml"}]}, "study entry 'x'"),
+        ({"entries": [{**raw["entries"][1], "search": {"trials": 2, "space": {
+            "optim.lr": {"low": 0.2, "high": 0.1}}}}]}, "low < high"),
+    ):  # fmt: skip
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**raw, **change}))
+        with pytest.raises(UsageError, match=needle):
+            load_study(bad)
+
+
+def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_folder):
+    """2 entries x 2 seeds + a 4-trial search, two worker processes on one SQLite file; the
+    report ranks on validation top-1 and gives the best settings found."""
+    study = _study(tmp_path, pattern_folder)
+    folder = tmp_path / "out"
+    done = _cli("study", "run", str(study), "--dir", str(folder), "--workers", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = trial_rows(_place(study, folder))
+    fixed = [r for r in rows if r["kind"] == "fixed"]
+    assert sorted((r["entry"], r["seed"]) for r in fixed) == [
+        ("ce", 0), ("ce", 1), ("la", 0), ("la", 1)]  # fmt: skip
+    assert all(r["state"] == "complete" for r in fixed)
+    search = [r for r in rows if r["kind"] == "search"]
+    assert len(search) == 4 and all(r["state"] in ("complete", "pruned") for r in search)
+    assert len({r["params"]["optim.lr"] for r in search}) == 4  # each its own lr
+    workers = {r["worker"] for r in rows}
+    assert len(workers) == 2, workers  # both workers trained trials
+    for r in fixed:  # each trial is a normal run directory
+        run = folder / "runs" / r["entry"] / r["run"]
+        assert (run / "eval_test.json").is_file()
+        assert r["val_top1"] == json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])[
+            "val/top1"]  # fmt: skip
+    status = _cli("study", "status", str(study), "--dir", str(folder))
+    assert status.returncode == 0 and "8/8 trials finished" in status.stdout, status.stdout
+    report = _cli("study", "report", str(study), "--dir", str(folder))
+    assert report.returncode == 0, report.stderr
+    md = (folder / "report.md").read_text()
+    assert "Ranked by validation top-1" in md and "| ce | 2 |" in md and "| la | 2 |" in md
+    assert "optim.lr=" in md
+    page = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page
+    summary = summarise(_place(study, folder))
+    vals = [r["val_top1"] for r in summary["table"]]
+    assert vals == sorted(vals, reverse=True)
+
+
+def _wait_for(predicate, timeout: float = 240.0) -> None:
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.5)
+
+
+def _epochs(run: Path) -> int:
+    try:
+        return len((run / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_worker_killed_mid_trial_leaves_it_to_be_retried_and_resumed(tmp_path, pattern_folder):
+    """SIGKILL a worker after its trial's first epoch: the next worker fails the stale trial,
+    retries it, and the retry continues the run directory from its checkpoint."""
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0],
+                   set={"data.root": str(pattern_folder), "data.val_per_class": 2,
+                        "train.epochs": 6})  # fmt: skip
+    folder = tmp_path / "out"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "longtail", "study", "run", str(study), "--dir", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    first = folder / "runs" / "ce" / "seed-0"
+    _wait_for(lambda: _epochs(first) >= 1)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training process
+    worker.wait()
+    killed_at = _epochs(first)
+    assert killed_at < 6
+    again = _cli("study", "worker", str(study), "--dir", str(folder))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    rows = trial_rows(_place(study, folder))
+    ce = [r for r in rows if r["entry"] == "ce"]
+    assert sorted(r["state"] for r in ce) == ["complete", "fail"]
+    retry = next(r for r in ce if r["state"] == "complete")
+    assert retry["retry_of"] is not None
+    history = [json.loads(s) for s in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, 7))  # resumed: no epoch twice
+    p = progress(_place(study, folder))
+    assert p["finished"] == p["total"] == 2 and p["counts"]["ce"]["failed"] == 0
+
+
+def test_a_stopped_study_resumes_without_losing_a_finished_trial(tmp_path, pattern_folder):
+    study = _study(tmp_path, pattern_folder, search_trials=0)
+    folder = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "longtail", "study", "run", str(study), "--dir", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(lambda: len(list(folder.glob("runs/*/*/eval_test.json"))) >= 1)
+    os.killpg(run.pid, signal.SIGTERM)  # stopped as a user stops it
+    run.wait()
+    finished = {p.parent: p.stat().st_mtime_ns for p in folder.glob("runs/*/*/eval_test.json")}
+    assert 1 <= len(finished) < 4
+    resumed = _cli("study", "run", str(study), "--dir", str(folder))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    for run_dir, mtime in finished.items():  # not trained again
+        assert (run_dir / "eval_test.json").stat().st_mtime_ns == mtime
+    rows = [r for r in trial_rows(_place(study, folder)) if r["state"] == "complete"]
+    assert len(rows) == 4
+
+
+def _pg_ctl() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    return found[-1] if found and found[-1] else None
+
+
+@pytest.fixture
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of our own on a free port (Debian's postgresql package)."""
+    pg_ctl = _pg_ctl()
+    if pg_ctl is None:
+        pytest.skip("no PostgreSQL server here (Debian package `postgresql`)")
+    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed")
+    bin_dir = Path(pg_ctl).parent
+    # A folder of its own under /tmp: the server's user cannot enter pytest's (mode 700).
+    root = Path(tempfile.mkdtemp(prefix="longtail-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, sock = root / "data", root
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "longtail",
+                    "--auth=trust"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*run_as, str(pg_ctl), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+                    f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "longtail", "studies"], check=True, capture_output=True)  # fmt: skip
+        yield f"postgresql+psycopg2://longtail@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*run_as, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_workers_on_two_machines_share_a_study_through_postgresql(tmp_path, pattern_folder,
+                                                                   postgres):  # fmt: skip
+    """A study started on one machine and a worker added on another (each with its own
+    folder), sharing one PostgreSQL database: both train trials; the report reads them all."""
+    study = _study(tmp_path, pattern_folder, search_trials=2, seeds=[0])
+    first = subprocess.Popen(
+        [sys.executable, "-m", "longtail", "study", "run", str(study), "--dir",
+         str(tmp_path / "a"), "--storage", postgres],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    place = _place(study, tmp_path / "a", postgres)
+
+    def created() -> bool:
+        try:
+            return len(trial_rows(place)) == 4
+        except UsageError:  # not created yet
+            return False
+
+    _wait_for(created)
+    second = _cli("study", "worker", str(study), "--dir", str(tmp_path / "b"), "--storage",
+                  postgres)  # fmt: skip
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, out[-2000:] + second.stderr[-2000:]
+    rows = trial_rows(place)
+    assert len(rows) == 4 and all(r["state"] in ("complete", "pruned") for r in rows)
+    assert len({r["worker"] for r in rows}) == 2
+    assert list((tmp_path / "b").glob("runs/*/*/metrics.jsonl"))  # trained on the second
+    report = _cli("study", "report", str(study), "--dir", str(tmp_path / "a"), "--storage",
+                  postgres)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "| ce | 1 |" in (tmp_path / "a/report.md").read_text()
