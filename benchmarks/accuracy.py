@@ -76,6 +76,8 @@ ENTRIES: dict[str, tuple] = {
     "gpaco-bn-head": ("gpaco-r100.yaml", {}, {"model": {"projection_bn": True}}),
     "paco-no-la": ("paco-r100.yaml", {"momentum": 0.99, "logit_adjust_tau": 0.0}),
     "proco-no-la": ("proco-r100.yaml", {"logit_adjust_tau": 0.0}),
+    # PaCo's recipe lr (0.02, for 400 epochs) against GPaCo's 0.1 at the 10-epoch budget.
+    "paco-lr0.1": ("paco-r100.yaml", {"momentum": 0.99}, {"optim": {"lr": 0.1}}),
     # Why dscl trails two-stage-sc at 10 epochs: the hybrid entries' projection head (hidden
     # 512 with BatchNorm, which keeps SC on small grey images from collapsing), then also
     # two-stage-sc's optimisation (lr 0.5 at batch 512, multistep, weight decay 1e-4, tau 0.1).

@@ -174,6 +174,25 @@ def _fm(t: Path) -> None:
     make_fashion_mnist(t / "fm")
 
 
+CE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist" / "ce-r100.yaml"
+
+
+def _study(t: Path, validation: bool = True) -> None:
+    """A one-entry study file of Fashion-MNIST-LT (with a validation split, or without)."""
+    _fm(t)
+    given = {"data.root": str(t / "fm"), **({"data.val_per_class": 2} if validation else {})}
+    (t / "study.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "epochs": 1,
+                "set": given,
+                "entries": [{"name": "ce", "recipe": str(CE_RECIPE)}],
+            }
+        )
+    )
+
+
 CASES = [
     # -- config values and names --------------------------------------------------------
     Case("config-type", "a value of the wrong type", ["train", "--set", "train.epochs=abc"], 2,
@@ -533,6 +552,22 @@ CASES = [
     Case("stats-kernel-view", "a kernel view (/proc/self) given as an image folder",
          ["data", "stats", "/proc/self"], 1, ["/proc/self", "not a folder of image files"],
          kind="data"),
+    # -- studies -------------------------------------------------------------------------
+    Case("study-file-missing", "a study file that does not exist",
+         ["study", "run", "{tmp}/nope.yaml"], 2, ["no study file", "nope.yaml"], kind="study"),
+    Case("study-no-validation", "a study whose trials have no validation split",
+         ["study", "run", "{tmp}/study.yaml"], 2,
+         ["study entry 'ce'", "never the test set", "data.val_per_class"],
+         setup=lambda t: _study(t, validation=False), kind="study"),
+    Case("study-storage", "a study storage URL no database answers",
+         ["study", "run", "{tmp}/study.yaml", "--storage", "nosuchdb://host/x"], 2,
+         ["cannot open the study storage", "nosuchdb"], setup=_study, kind="study"),
+    Case("study-not-started", "the status of a study nobody started",
+         ["study", "status", "{tmp}/study.yaml", "--dir", "{tmp}/s"], 2,
+         ["holds no study 's'", "longtail study run"], setup=_study, kind="study"),
+    Case("val-split-twice", "two validation splits asked for",
+         ["train", *FM, "--set", "data.val_per_class=2", "--set", "data.val_split=test",
+          *TINY], 2, ["data.val_split and data.val_per_class", "keep one"], setup=_fm),
     Case("stats-unknown-format", "a path of an unknown format",
          ["data", "stats", "{tmp}/data.csv"], 1, ["data.csv", "cannot tell the format"],
          setup=lambda t: (t / "data.csv").write_text("a,b\n"), kind="data"),
@@ -606,7 +641,10 @@ def render_docs(tmp_root: Path) -> str:
         "flags": "Flags",
         "data": "Data",
         "outputs": "Reports, predictions, exports",
+        "study": "Studies",
     }
+    missing = {c.kind for c in CASES} - set(kinds)
+    assert not missing, f"cases of kinds {missing} would be left out of docs/errors.md"
     for kind, title in kinds.items():
         lines += [f"## {title}", "", "| case | exit | message |", "|---|---|---|"]
         for i, case in enumerate(c for c in CASES if c.kind == kind):

@@ -129,7 +129,10 @@ def load_study(path: str | Path) -> tuple[StudySpec, Path]:
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"no study file {shown(path)}") from None
+        raise UsageError(
+            f"no study file {shown(path)}; give the path of a study's YAML file (README: "
+            "Which method for my data?)"
+        ) from None
     except yaml.YAMLError as e:
         raise UsageError(f"{shown(path)} is not valid YAML: {str(e).splitlines()[0]}") from None
     try:

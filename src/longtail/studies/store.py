@@ -214,10 +214,12 @@ def _claim(studies: list[Any]) -> tuple[Any, Any] | None:
     """The next waiting trial of the first study that has one, claimed; None if none waits."""
     opt = _optuna()
     for study in studies:
-        opt.storages.fail_stale_trials(study)  # a dead worker's trial: failed and enqueued again
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            continue
-        trial = study.ask()
+        with warnings.catch_warnings():  # Optuna calls these experimental, and heartbeats
+            warnings.simplefilter("ignore")  # meant for Study.optimize; both are what we need
+            opt.storages.fail_stale_trials(study)  # a dead worker's trial: failed, enqueued again
+            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                continue
+            trial = study.ask()
         if "entry" in trial.user_attrs:
             return study, trial
         # Another worker took the last waiting trial first: ask() made a new one; close it.
