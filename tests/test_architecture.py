@@ -18,6 +18,7 @@ LAYERS = {
     "longtail.errors": 0,
     "longtail.registry": 0,
     "longtail.jsonio": 0,
+    "longtail.provenance": 0,
     "longtail.config": 1,
     "longtail.data": 2,
     "longtail.models": 2,

@@ -139,7 +139,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert report.returncode == 0, report.stderr
     md = (folder / "report.md").read_text()
     assert "Ranked by validation top-1" in md and "| ce | 2 |" in md and "| la | 2 |" in md
-    assert "optim.lr=" in md
+    assert "optim.lr=" in md and "Trials ran on: " in md and "torch " in md
+    assert all(r["provenance"]["torch"] for r in rows)
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
     summary = summarise(_place(study, folder))
@@ -281,3 +282,23 @@ def test_workers_on_two_machines_share_a_study_through_postgresql(tmp_path, patt
                   postgres)  # fmt: skip
     assert report.returncode == 0, report.stderr
     assert "| ce | 1 |" in (tmp_path / "a/report.md").read_text()
+
+
+def test_the_readme_study_and_the_benchmark_studies_are_valid(tmp_path):
+    """The README's example and every study file in benchmarks/studies check out as written."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```yaml\n(name: my-photos.*?)```", (root / "README.md").read_text(), re.S)
+    assert block is not None
+    (tmp_path / "readme.yaml").write_text(block.group(1))
+    files = [tmp_path / "readme.yaml", *sorted((root / "benchmarks/studies").glob("*.yaml"))]
+    assert len(files) > 1
+    cwd = os.getcwd()
+    os.chdir(root)  # recipe paths are given from the repository's root
+    try:
+        for path in files:
+            spec, _ = load_study(path)
+            assert spec.entries, path
+    finally:
+        os.chdir(cwd)

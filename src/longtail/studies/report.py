@@ -108,7 +108,13 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                     "run": top["run"],
                 }
             )
-    return {"table": table, "best": best}
+    machines = sorted({_machine(r["provenance"]) for r in rows if r.get("provenance")})
+    return {"table": table, "best": best, "machines": machines}
+
+
+def _machine(p: dict[str, Any]) -> str:
+    device = p.get("cuda") or f"{p.get('cpu')}, {p.get('cores')} cores"
+    return f"{device}, torch {p.get('torch')}, longtail commit {p.get('commit')}"
 
 
 def _cell(mean: float | None, sd: float | None = None) -> str:
@@ -134,6 +140,8 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         lines.append(
             f"| {r['entry']} | {r['seeds']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |"
         )
+    if summary.get("machines"):
+        lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
     if summary["best"]:
         lines += [
             "",

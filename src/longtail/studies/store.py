@@ -32,6 +32,7 @@ from typing import Any
 from longtail.config import dump_config
 from longtail.engine.run_dir import RunDir
 from longtail.errors import UsageError, shown
+from longtail.provenance import hardware, source_commit
 from longtail.studies.spec import Entry, StudySpec, trial_config
 
 try:
@@ -330,6 +331,7 @@ def run_trial(
             return TrialState.FAIL, f"failed: {reason} (log: {shown(log)})"
     results = trial_results(run_dir)
     results["wall_s"] = results.get("wall_s") or time.time() - t0
+    results["provenance"] = {**hardware(), "commit": source_commit()}
     for key, value in results.items():
         trial.set_user_attr(key, value)
     study.tell(trial, results["val_top1"])
