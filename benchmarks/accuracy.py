@@ -7,7 +7,13 @@ evaluated on the full test set. Writes <out>/accuracy.json and <out>/accuracy.md
 
     python benchmarks/accuracy.py --epochs 6 --batch-size 128 --seeds 0 1 --out benchmarks/results/x
 
-A finished (entry, seed) is skipped on a re-run, so an interrupted benchmark resumes.
+It is a study (``longtail study``, the library's): the entries below become a study file's
+entries, trained by its workers (``--workers N`` processes) into <out>/runs/<entry>/seed-<s>
+with the study's storage in <out>/study.db; each trial holds out ``--val-per-class`` images
+of each class for validation (a study's rule; nothing here is chosen on them) and records
+its machine and commit. A finished (entry, seed) is kept on a re-run, an interrupted one
+resumed from its checkpoint. Tables made before the benchmark became a study (no validation
+split, ``<out>/runs/<entry>@seed<s>``) keep their rows.
 Results of several runs of the benchmark (e.g. two processes of one thread each, writing to
 two folders) go into one table with
 
@@ -19,15 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
+import yaml
 from provenance import commit, hardware, imbalance_ratio
 
-from longtail.build import scale_epochs
+from longtail.build import carried_options, scale_epochs
 from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
 from longtail.methods import METHODS
-from longtail.runs.train import train
+from longtail.runs.read import read_run_config
+from longtail.studies import StudyPlace, open_studies, trial_rows, work
+from longtail.studies.report import latest
+from longtail.studies.spec import Entry, StudySpec
 
 # the papers' views for bcl: AutoAugment(CIFAR10) + Cutout for the classifier, SimCLR's crops
 BCL_PAPER_VIEWS = {"classifier_transform": "strong", "con_transforms": ["simclr", "simclr"]}
@@ -126,11 +137,50 @@ def budget_config(
         cfg["train"]["batch_size"] = batch_size
     # Another method on the same recipe keeps only the recipe's options it has.
     name = method.get("name", cfg["method"]["name"])
-    fields = METHODS.get(name).Options.model_fields
-    cfg["method"] = {k: v for k, v in cfg["method"].items() if k in fields}
-    cfg["method"].update(method, name=name)
+    cfg["method"] = {**carried_options(cfg["method"], name), **method, "name": name}
     scaled, _ = scale_epochs(config_from_dict(cfg), epochs)
     return deep_merge(scaled.model_dump(mode="json"), extra)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """``{"optim": {"lr": 1}}`` as ``{"optim.lr": 1}``."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def study_entry(name: str, dataset: str, batch_size: int | None) -> Entry:
+    """Entry ``name`` of ENTRIES as a study entry: its recipe with its method options and its
+    other sections as overrides. An lr an entry sets is meant at the benchmark's batch: the
+    entry then sets that batch too, so that the study's linear scaling leaves it as given."""
+    recipe, method, *sections = ENTRIES[name]
+    given = {f"method.{k}": v for k, v in method.items()}
+    if sections:
+        given.update(flat(sections[0]))
+        if "optim.lr" in given and batch_size is not None:
+            given["train.batch_size"] = batch_size
+    return Entry(name=name, recipe=str(Path("configs") / dataset / recipe), set=given)
+
+
+def accuracy_study(args: argparse.Namespace) -> StudySpec:
+    """The benchmark as a study: the chosen entries x seeds at the budget, no search, each
+    trial evaluated on the test set at its last epoch (the validation split it holds out is
+    what a study requires; nothing here is selected on it)."""
+    given = flat(parse_overrides(args.overrides))
+    given.setdefault("data.val_per_class", args.val_per_class)
+    return StudySpec(
+        name="accuracy",
+        entries=[study_entry(e, args.dataset, args.batch_size) for e in args.entries],
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        set=given,
+        pruner="none",
+    )
 
 
 def main() -> None:
@@ -143,6 +193,8 @@ def main() -> None:
         "--seeds", nargs="*", type=int, default=[0], help="training seeds; the data subset is fixed"
     )
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value for all")
+    p.add_argument("--val-per-class", type=int, default=100, help="held out for validation")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of the study")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     p.add_argument(
         "--merge", nargs="+", type=Path, help="write one table of these result folders to --out"
@@ -151,9 +203,18 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
-
-    extra = parse_overrides(args.overrides)
-    args.out.mkdir(parents=True, exist_ok=True)
+    spec = accuracy_study(args)
+    place = StudyPlace.of(spec, Path("."), args.out, None)
+    open_studies(place)  # every (entry, seed) not yet finished in the folder is enqueued
+    if args.workers > 1:  # the same study file, workers as `longtail study worker` runs them
+        study_file = args.out / "study.yaml"
+        study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
+               str(args.out)]  # fmt: skip
+        for proc in [subprocess.Popen(cmd) for _ in range(args.workers)]:
+            proc.wait()
+    else:
+        work(place)
     results_path = args.out / "accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("runs", {})
@@ -164,49 +225,41 @@ def main() -> None:
         "batch_size": args.batch_size,
         "dataset": args.dataset,
         "overrides": args.overrides,
+        "val_per_class": spec.set["data.val_per_class"],
     }
-    for name in args.entries:
-        for seed in args.seeds:
-            key = f"{name}@seed{seed}"
-            if key in results["runs"]:
-                print(f"{key}: done already, skipping", flush=True)
-                continue
-            recipe, method, *sections = ENTRIES[name]
-            raw = budget_config(
-                Path("configs") / args.dataset / recipe,
-                method,
-                args.epochs,
-                args.batch_size,
-                deep_merge(sections[0], extra) if sections else extra,
-            )
-            raw["name"], raw["seed"] = name, seed
-            cfg = config_from_dict(raw)
-            t0 = time.perf_counter()
-            run_dir = args.out / "runs" / key
-            res = train(cfg, run_dir, progress=False)
-            wall = time.perf_counter() - t0
-            test = json.loads((run_dir / "eval_test.json").read_text())
-            results["runs"][key] = {
-                "entry": name,
-                "seed": seed,
-                **{k: res[k] for k in ("top1", "many", "medium", "few", "ece")},
-                "wall_s": wall,
-                "images_per_s": images_per_s(run_dir / "metrics.jsonl"),
-                "per_class": test["per_class"],
-                "confusion": test["confusion"],  # rows: true class, columns: predicted
-                "classes": test["classes"],
-                "train_counts": test["train_counts"],
-                "epochs": args.epochs,
-                "method": raw["method"],
-                "lr": raw["optim"]["lr"],
-                "milestones": raw["optim"]["milestones"],
-                # a folder's runs can span sessions: each keeps its own source and machine
-                "commit": results["commit"],
-                "cpu": results["hardware"]["cpu"],
-            }
-            results_path.write_text(json.dumps(results, indent=1))
-            print(f"{key}: top-1 {res['top1']:.4f} in {wall:.0f} s", flush=True)
+    for row in latest(trial_rows(place)):
+        if row["state"] == "complete" and row["entry"] in args.entries:
+            key = f"{row['entry']}@seed{row['seed']}"
+            results["runs"][key] = run_result(row, place.run_dir(row), args.epochs)
+            print(f"{key}: top-1 {row['top1']:.4f} in {row['wall_s']:.0f} s", flush=True)
+    results_path.write_text(json.dumps(results, indent=1))
     write_table(results, args.out / "accuracy.md")
+
+
+def run_result(row: dict, run_dir: Path, epochs: int) -> dict:
+    """One row of accuracy.json from a finished study trial and its run directory, with the
+    trial's own provenance (its machine and commit)."""
+    test = json.loads((run_dir / "eval_test.json").read_text())
+    cfg = read_run_config(run_dir)
+    where = row.get("provenance", {})
+    return {
+        "entry": row["entry"],
+        "seed": row["seed"],
+        **{k: row[k] for k in ("top1", "many", "medium", "few", "ece", "val_top1")},
+        "wall_s": row["wall_s"],
+        "images_per_s": images_per_s(run_dir / "metrics.jsonl"),
+        "per_class": test["per_class"],
+        "confusion": test["confusion"],  # rows: true class, columns: predicted
+        "classes": test["classes"],
+        "train_counts": test["train_counts"],
+        "epochs": epochs,
+        "method": cfg.model_dump(mode="json")["method"],
+        "lr": cfg.optim.lr,
+        "milestones": cfg.optim.milestones,
+        "commit": where.get("commit"),
+        "cpu": where.get("cuda") or where.get("cpu"),
+        "torch": where.get("torch"),
+    }
 
 
 def images_per_s(metrics: Path) -> float:

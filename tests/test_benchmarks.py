@@ -74,3 +74,29 @@ def test_imbalance_ratio_reads_the_data_ratio_override():
     assert provenance.imbalance_ratio({"overrides": ["train.threads=1", "data.ratio=200"]}) == "200"
     assert provenance.imbalance_ratio({"overrides": ["train.threads=1"]}) == "100"
     assert provenance.imbalance_ratio({}) == "100"
+
+
+@pytest.mark.parametrize("entry", sorted(accuracy.ENTRIES))
+def test_every_entry_as_a_study_trial_is_the_budget_config(entry, monkeypatch):
+    """The benchmark trains each entry through the study: the trial's config is the one
+    budget_config makes (the validation split aside)."""
+    import argparse
+
+    from longtail.studies.spec import trial_config
+
+    monkeypatch.chdir(ROOT)
+    recipe, method, *sections = accuracy.ENTRIES[entry]
+    args = argparse.Namespace(
+        dataset="fashion-mnist", entries=[entry], seeds=[3], epochs=10,
+        batch_size=128, overrides=["train.threads=1"], val_per_class=50,
+    )
+    spec = accuracy.accuracy_study(args)
+    got = trial_config(spec, spec.entries[0], 3, {}, ROOT).model_dump(mode="json")
+    extra = {**(sections[0] if sections else {}), "train": {"threads": 1}}
+    path = ROOT / "configs" / "fashion-mnist" / recipe
+    want = validate(config_from_dict(accuracy.budget_config(path, method, 10, 128, extra)))
+    want = want.model_dump(mode="json")
+    assert got["data"].pop("val_per_class") == 50 and want["data"].pop("val_per_class") is None
+    for key in ("seed", "name"):
+        got.pop(key), want.pop(key)
+    assert got == want

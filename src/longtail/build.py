@@ -165,6 +165,13 @@ def build_method(
     return method
 
 
+def carried_options(options: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A recipe's method options that method ``name`` also has: what a recipe keeps when
+    another method (or variant) trains on it, e.g. ``ce-ce`` on the hybrid-sc recipe."""
+    fields = METHODS.get(name).Options.model_fields
+    return {k: v for k, v in options.items() if k in fields}
+
+
 # Method options that are epochs of the run: they move with its length.
 EPOCH_OPTIONS = ("reweight_epoch", "resample_epoch", "classifier_epochs")
 

@@ -442,7 +442,7 @@ def study_worker(
 ) -> None:
     """Claim and train the study's trials until none is left (one per GPU or machine)."""
     place = _place(study, folder, storage)
-    trained = work(place, nproc)
+    trained = work(place, nproc, create=False)
     print(f"worker done: {trained} trial(s) trained here")
 
 

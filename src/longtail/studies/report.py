@@ -22,23 +22,25 @@ STATES = ("complete", "running", "waiting", "pruned", "failed")
 METRICS = ("val_top1", "top1", "many", "medium", "few", "ece")
 
 
-def _retried(rows: list[dict[str, Any]]) -> set[int]:
-    return {r["retry_of"] for r in rows if r.get("retry_of") is not None}
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last attempt at each trial of the study file (a failed try that was retried or
+    enqueued again counts once, as its latest attempt)."""
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["number"]):
+        last[(r["entry"], r["run"])] = r
+    return list(last.values())
 
 
 def progress(place: StudyPlace) -> dict[str, Any]:
-    """Counts of trials by state per entry (a failed trial that was retried counts once, as
-    its retry), and the running trials with their last epoch."""
-    rows = trial_rows(place)
-    retried = _retried(rows)
+    """Counts of trials by state per entry (the latest attempt of each), and the running
+    trials with their last epoch."""
     counts: dict[str, dict[str, int]] = {
         e.name: dict.fromkeys(STATES, 0) for e in place.spec.entries
     }
     running = []
-    for r in rows:
-        if r["state"] == "fail" and r["number"] in retried:
-            continue
+    for r in latest(trial_rows(place)):
         state = {"fail": "failed"}.get(r["state"], r["state"])
+        counts.setdefault(r["entry"], dict.fromkeys(STATES, 0))
         counts[r["entry"]][state] = counts[r["entry"]].get(state, 0) + 1
         if state == "running":
             epoch = max(r["steps"]) if r["steps"] else 0

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from longtail.build import scale_epochs, validate
+from longtail.build import carried_options, scale_epochs, validate
 from longtail.config import (
     Config,
     config_from_dict,
@@ -193,8 +193,13 @@ def trial_config(
     try:
         cfg = load_config(recipe_path(entry.recipe, base))
         raw = cfg.model_dump(mode="json")
+        given: dict[str, Any] = {}
         for overrides in (spec.set, entry.set, params):
-            raw = deep_merge(raw, nested(overrides))
+            given = deep_merge(given, nested(overrides))
+        name = given.get("method", {}).get("name")
+        if name is not None and name != raw["method"]["name"]:  # another method on the recipe
+            raw["method"] = {**carried_options(raw["method"], name), "name": name}
+        raw = deep_merge(raw, given)
         raw["seed"], raw["name"] = seed, f"{spec.name}-{entry.name}"
         if spec.batch_size is not None:
             raw["optim"]["lr"] *= spec.batch_size / raw["train"]["batch_size"]

@@ -130,7 +130,8 @@ def _pruner(spec: StudySpec) -> Any:
 
 
 def open_studies(place: StudyPlace, create: bool = True) -> list[Any]:
-    """The study's Optuna studies, created with all their trials enqueued the first time.
+    """The study's Optuna studies; ``create``: made where missing, every trial the file asks
+    for and the storage lacks enqueued.
 
     Raises:
         UsageError: When ``create`` is False and the storage holds no such study.
@@ -156,24 +157,31 @@ def open_studies(place: StudyPlace, create: bool = True) -> list[Any]:
                     f"the storage {place.url} holds no study {place.spec.name!r}; start it with "
                     "`longtail study run STUDY.yaml`"
                 ) from None
-        if create and not study.user_attrs.get("enqueued"):
+        if create:
             _enqueue(place.spec, study, entry)
         studies.append(study)
     return studies
 
 
 def _enqueue(spec: StudySpec, study: Any, entry: Entry | None) -> None:
-    study.set_user_attr("enqueued", True)  # first: a second worker starting now skips it
+    """Enqueue each trial the study file asks for that the storage does not hold, done or on
+    its way (so an entry or seed added to the file joins on the next `study run`, and a trial
+    that failed is tried again)."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    held = {(t.user_attrs.get("entry"), t.user_attrs.get("run"))
+            for t in study.get_trials(deepcopy=False, states=states)}  # fmt: skip
+    wanted: list[dict[str, Any]] = []
     if entry is None:
         for e in spec.entries:
-            for seed in spec.seeds:
-                attrs = {"entry": e.name, "seed": seed, "run": f"seed-{seed}", "kind": "fixed"}
-                study.enqueue_trial({}, user_attrs=attrs)
-        return
-    assert entry.search is not None
-    for k in range(entry.search.trials):
-        attrs = {"entry": entry.name, "seed": spec.seeds[0], "run": f"search-{k}", "kind": "search"}
-        study.enqueue_trial({}, user_attrs=attrs)
+            wanted += [{"entry": e.name, "seed": seed, "run": f"seed-{seed}", "kind": "fixed"}
+                       for seed in spec.seeds]  # fmt: skip
+    else:
+        assert entry.search is not None
+        wanted += [{"entry": entry.name, "seed": spec.seeds[0], "run": f"search-{k}",
+                    "kind": "search"} for k in range(entry.search.trials)]  # fmt: skip
+    for attrs in wanted:
+        if (attrs["entry"], attrs["run"]) not in held:
+            study.enqueue_trial({}, user_attrs=attrs)
 
 
 def _suggest(trial: Any, entry: Entry) -> dict[str, Any]:
@@ -233,7 +241,9 @@ def _running(studies: list[Any]) -> bool:
     return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in studies)
 
 
-def work(place: StudyPlace, nproc: int = 1, poll_s: float = 2.0, say: Any = print) -> int:
+def work(
+    place: StudyPlace, nproc: int = 1, poll_s: float = 2.0, say: Any = print, create: bool = True
+) -> int:
     """Claim and train trials until none waits and none runs; the number trained.
 
     Args:
@@ -241,8 +251,10 @@ def work(place: StudyPlace, nproc: int = 1, poll_s: float = 2.0, say: Any = prin
         nproc: Processes per trial (>1: the trial is a torchrun job on this machine).
         poll_s: Seconds between reads of a running trial's metrics.
         say: Where to write one line per trial.
+        create: Create the study and enqueue what its file asks for (``study run``); False for
+            a worker that joins a study started elsewhere.
     """
-    studies = open_studies(place)
+    studies = open_studies(place, create=create)
     storage = studies[0]._storage
     done = 0
     while True:
@@ -308,7 +320,8 @@ def run_trial(
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     run = RunDir(run_dir)
     t0 = time.time()
-    if not run.evaluation().is_file():  # else trained already: a retry after training ended
+    trained = not run.evaluation().is_file()  # else a retry after its training ended
+    if trained:
         config = None
         if not run.started():
             config = run_dir.parent / f"{run_dir.name}.yaml"
@@ -330,7 +343,8 @@ def run_trial(
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL, f"failed: {reason} (log: {shown(log)})"
     results = trial_results(run_dir)
-    results["wall_s"] = results.get("wall_s") or time.time() - t0
+    if trained:  # the whole process (start, training, evaluation); else its epochs' time
+        results["wall_s"] = time.time() - t0
     results["provenance"] = {**hardware(), "commit": source_commit()}
     for key, value in results.items():
         trial.set_user_attr(key, value)
@@ -363,7 +377,8 @@ def _follow(
 
 def trial_results(run_dir: Path) -> dict[str, Any]:
     """What a finished trial keeps in the storage: the last epoch's validation top-1 (what
-    the study selects on), the test metrics of the last epoch, per class, and the wall time."""
+    the study selects on), the test metrics of the last epoch, per class, and the time its
+    epochs took (``wall_s`` until the worker sets the whole process's)."""
     run = RunDir(run_dir)
     test = json.loads(run.evaluation().read_text(encoding="utf-8"))
     epochs = [r for r in _epochs_seen(run.metrics) if "val/top1" in r]
