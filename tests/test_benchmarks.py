@@ -87,8 +87,13 @@ def test_every_entry_as_a_study_trial_is_the_budget_config(entry, monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe, method, *sections = accuracy.ENTRIES[entry]
     args = argparse.Namespace(
-        dataset="fashion-mnist", entries=[entry], seeds=[3], epochs=10,
-        batch_size=128, overrides=["train.threads=1"], val_per_class=50,
+        dataset="fashion-mnist",
+        entries=[entry],
+        seeds=[3],
+        epochs=10,
+        batch_size=128,
+        overrides=["train.threads=1"],
+        val_per_class=50,
     )
     spec = accuracy.accuracy_study(args)
     got = trial_config(spec, spec.entries[0], 3, {}, ROOT).model_dump(mode="json")

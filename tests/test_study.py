@@ -302,3 +302,39 @@ def test_the_readme_study_and_the_benchmark_studies_are_valid(tmp_path):
             assert spec.entries, path
     finally:
         os.chdir(cwd)
+
+
+def test_study_run_enqueues_what_the_file_adds_and_what_failed(tmp_path, pattern_folder):
+    """Without training: a failed trial and a seed added to the file are enqueued again by
+    the next `study run`; finished and waiting ones are not doubled."""
+    from longtail.studies.store import _claim, open_studies
+
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0])
+    place = _place(study, tmp_path / "out")
+    studies = open_studies(place)
+    assert len(trial_rows(place)) == 2
+    s, trial = _claim(studies)
+    s.tell(trial, state=optuna.trial.TrialState.FAIL)
+    open_studies(place)
+    rows = trial_rows(place)
+    assert sorted(r["state"] for r in rows) == ["fail", "waiting", "waiting"]
+    assert progress(place)["counts"]["ce"]["waiting"] == 1  # its latest attempt
+    raw = yaml.safe_load(study.read_text())
+    study.write_text(yaml.safe_dump({**raw, "seeds": [0, 1]}))
+    open_studies(_place(study, tmp_path / "out"))
+    assert sorted((r["entry"], r["run"]) for r in trial_rows(place) if r["state"] == "waiting") == [
+        ("ce", "seed-0"), ("ce", "seed-1"), ("la", "seed-0"), ("la", "seed-1")]  # fmt: skip
+
+
+def test_a_trial_can_be_a_torchrun_job(tmp_path, pattern_folder):
+    """--nproc-per-trial 2: the worker starts the trial under torchrun (gloo on the CPU)."""
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0],
+                   entries=[{"name": "ce", "recipe": "ce.yaml"}])  # fmt: skip
+    folder = tmp_path / "out"
+    done = _cli("study", "run", str(study), "--dir", str(folder), "--nproc-per-trial", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = trial_rows(_place(study, folder))
+    assert [r["state"] for r in rows] == ["complete"]
+    log = (folder / "runs/ce/seed-0.log").read_text()
+    assert "[rank1]" in log, log[-1500:]  # the second process of the job
+    assert "held out for validation (data.val_per_class)" in log and "data.n_max" not in log

@@ -149,9 +149,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The two lines a run prints before its first epoch, from :func:`data_summary`."""
     pre = summary["preprocess"]
     splits = ", ".join(f"{k} {summary[k]:,}" for k in ("val", "test") if summary.get(k))
-    ratio = "" if summary["total"] == summary["found"] else f" (data.ratio {summary['ratio']})"
-    if summary["total"] != summary["found"] and summary["ratio"] is None:
-        ratio = " (data.n_max)"
+    held = summary.get("held_out", 0)
+    ratio = ""
+    if summary["total"] + held != summary["found"]:
+        ratio = f" (data.ratio {summary['ratio']})" if summary["ratio"] else " (data.n_max)"
+    if held:
+        ratio += f", {held:,} held out for validation (data.val_per_class)"
     data_line = (
         f"data: {summary['dataset']} from {shown(summary['read_from'])}, "
         f"{summary['num_classes']} classes, {summary['total']:,} of {summary['found']:,} "
@@ -203,6 +206,7 @@ def data_summary(
         "read_from": data_location(cfg),
         "found": len(data.train_source),
         **sizes,
+        "held_out": sizes.get("val", 0) if cfg.data.val_per_class else 0,
         "method": cfg.method_name,
         "backbone": f"{cfg.model.backbone} from {describe_weights(cfg)}",
         **({"plan": plan} if plan is not None else {}),

@@ -273,7 +273,8 @@ def work(
 
 def _train_command(run_dir: Path, config: Path | None, nproc: int) -> list[str]:
     if nproc > 1:
-        start = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        start = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"]  # fmt: skip
     else:
         start = [sys.executable]
     cmd = [*start, "-m", "longtail", "train", "--out", str(run_dir), "--no-progress"]
