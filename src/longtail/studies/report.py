@@ -74,7 +74,12 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 def summarise(place: StudyPlace) -> dict[str, Any]:
     """The report's numbers: per entry the fixed trials' metrics over seeds (mean, sd), and
     per searched entry its best trial by validation top-1."""
-    rows = [r for r in trial_rows(place) if r["state"] == "complete"]
+    every = latest(trial_rows(place))
+    pruned: dict[str, int] = defaultdict(int)
+    for r in every:
+        if r["state"] == "pruned":
+            pruned[r["entry"]] += 1
+    rows = [r for r in every if r["state"] == "complete"]
     fixed: dict[str, list[dict[str, Any]]] = defaultdict(list)
     search: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -103,7 +108,8 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
             best.append(
                 {
                     "entry": entry.name,
-                    "trials": len(tried),
+                    "trials": len(tried) + pruned[entry.name],
+                    "pruned": pruned[entry.name],
                     "params": top["params"],
                     "val_top1": top["val_top1"],
                     "top1": top["top1"],
@@ -154,9 +160,9 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         ]
         for b in summary["best"]:
             settings = ", ".join(f"{k}={_short(v)}" for k, v in b["params"].items())
+            tried = f"{b['trials']} ({b['pruned']} pruned)" if b["pruned"] else str(b["trials"])
             lines.append(
-                f"| {b['entry']} | {b['trials']} | {settings} | {b['val_top1']:.4f} | "
-                f"{b['top1']:.4f} |"
+                f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
     return "\n".join(lines) + "\n"
 
