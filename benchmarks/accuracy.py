@@ -206,9 +206,11 @@ def main() -> None:
     spec = accuracy_study(args)
     place = StudyPlace.of(spec, Path("."), args.out, None)
     open_studies(place)  # every (entry, seed) not yet finished in the folder is enqueued
-    if args.workers > 1:  # the same study file, workers as `longtail study worker` runs them
-        study_file = args.out / "study.yaml"
-        study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    # The study file beside its storage: `longtail study status|report <out>/study.yaml
+    # --dir <out>` read it, and the workers below run it.
+    study_file = args.out / "study.yaml"
+    study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    if args.workers > 1:
         cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
                str(args.out)]  # fmt: skip
         for proc in [subprocess.Popen(cmd) for _ in range(args.workers)]:
