@@ -15,8 +15,10 @@ retry continues the run directory from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -281,14 +283,21 @@ def _train_command(run_dir: Path, config: Path | None, nproc: int) -> list[str]:
     return [*cmd, "--resume"] if config is None else [*cmd, "--config", str(config)]
 
 
-def _stop_with_parent() -> None:
-    """In the trial's process: SIGTERM when its worker dies (Linux), so that a killed worker
-    leaves no training behind it; the trainer saves where it stands and exits."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
+def _libc_prctl() -> Any:
+    with contextlib.suppress(Exception):  # Linux only
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+_PRCTL = _libc_prctl()  # looked up here: the forked child only calls it
+
+
+def _stop_with_parent() -> None:
+    """In the trial's process, before it runs: SIGTERM when its worker dies (Linux's
+    PR_SET_PDEATHSIG), so that a killed worker leaves no training behind; the trainer (or
+    torchrun, which passes it on) saves where it stands and exits."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 def _epochs_seen(metrics: Path) -> list[dict[str, Any]]:
@@ -330,10 +339,18 @@ def run_trial(
         log = run_dir.parent / f"{run_dir.name}.log"
         with open(log, "a", encoding="utf-8") as out:
             proc = subprocess.Popen(
-                _train_command(run_dir, config, nproc), stdout=out, stderr=subprocess.STDOUT
+                _train_command(run_dir, config, nproc),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_stop_with_parent,
             )
             prunable = attrs["kind"] == "search"  # the fixed trials are the table
-            pruned = _follow(proc, run.metrics, study, trial, prunable, poll_s)
+            try:
+                pruned = _follow(proc, run.metrics, study, trial, prunable, poll_s)
+            finally:  # the worker stopped (Ctrl-C, an error): its training stops with it
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
         if pruned is not None:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, f"pruned after epoch {pruned}"
