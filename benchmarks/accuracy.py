@@ -25,18 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 from provenance import commit, hardware, imbalance_ratio
 
 from longtail.build import carried_options, scale_epochs
-from longtail.config import config_from_dict, deep_merge, load_config, parse_overrides
+from longtail.config import config_from_dict, deep_merge, flat, load_config, parse_overrides
 from longtail.methods import METHODS
 from longtail.runs.read import read_run_config
-from longtail.studies import StudyPlace, open_studies, trial_rows, work
+from longtail.studies import StudyPlace, open_studies, run_workers, trial_rows
 from longtail.studies.report import latest
 from longtail.studies.spec import Entry, StudySpec
 
@@ -142,17 +140,6 @@ def budget_config(
     return deep_merge(scaled.model_dump(mode="json"), extra)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    """``{"optim": {"lr": 1}}`` as ``{"optim.lr": 1}``."""
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def study_entry(name: str, dataset: str, batch_size: int | None) -> Entry:
     """Entry ``name`` of ENTRIES as a study entry: its recipe with its method options and its
     other sections as overrides. An lr an entry sets is meant at the benchmark's batch: the
@@ -207,16 +194,10 @@ def main() -> None:
     place = StudyPlace.of(spec, Path("."), args.out, None)
     open_studies(place)  # every (entry, seed) not yet finished in the folder is enqueued
     # The study file beside its storage: `longtail study status|report <out>/study.yaml
-    # --dir <out>` read it, and the workers below run it.
+    # --dir <out>` read it, and worker processes run it.
     study_file = args.out / "study.yaml"
     study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    if args.workers > 1:
-        cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
-               str(args.out)]  # fmt: skip
-        for proc in [subprocess.Popen(cmd) for _ in range(args.workers)]:
-            proc.wait()
-    else:
-        work(place)
+    run_workers(place, study_file, args.workers)
     results_path = args.out / "accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("runs", {})

@@ -116,6 +116,12 @@ def measure(
             "data": data_rate, "loader": path}  # fmt: skip
 
 
+def say(key: str, r: dict, digits: int) -> None:
+    """One measurement's line: images/s end to end, its bound, their ratio, data alone."""
+    print(f"{key}: {r['end_to_end']:.{digits}f} img/s end to end, bound {r['bound']:.{digits}f} "
+          f"({r['ratio']:.2f}), data alone {r['data']:.{digits}f}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
@@ -153,9 +159,7 @@ def main() -> None:
             results["runs"][key] = measure(
                 METHODS[name], sets, args.steps, args.warmup, args.rounds, device
             )
-            r = results["runs"][key]
-            line = f"{key}: {r['end_to_end']:.0f} img/s end to end, bound {r['bound']:.0f} "
-            print(f"{line}({r['ratio']:.2f}), data alone {r['data']:.0f}", flush=True)
+            say(key, results["runs"][key], 0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(results, indent=1))
     hw = results["hardware"]
@@ -302,9 +306,7 @@ def jpeg_folder(args: argparse.Namespace, device: torch.device) -> None:
         key = f"ce-resnet50/{workers} workers, {where}"
         sets = [*common, f"data.num_workers={workers}", f"data.decode={decode}"]
         results["runs"][key] = measure(recipe, sets, args.steps, args.warmup, args.rounds, device)
-        r = results["runs"][key]
-        print(f"{key}: {r['end_to_end']:.1f} img/s end to end, bound {r['bound']:.1f} "
-              f"({r['ratio']:.2f}), data alone {r['data']:.1f}", flush=True)  # fmt: skip
+        say(key, results["runs"][key], 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(results, indent=1))
     hw = results["hardware"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from longtail.studies import (
     load_study,
     open_studies,
     progress,
+    run_workers,
     status_lines,
     work,
     write_report,
@@ -386,6 +386,11 @@ Storage = Annotated[
 ]
 
 
+NprocPerTrial = Annotated[
+    int, typer.Option("--nproc-per-trial", min=1, help="processes per trial (torchrun)")
+]
+
+
 def _place(study: Path, folder: Path | None, storage: str | None) -> StudyPlace:
     spec, base = load_study(study)
     return StudyPlace.of(spec, base, folder, storage)
@@ -397,35 +402,13 @@ def study_run(
     folder: StudyDir = None,
     storage: Storage = None,
     workers: Annotated[int, typer.Option(min=1, help="worker processes on this machine")] = 1,
-    nproc: Annotated[
-        int, typer.Option("--nproc-per-trial", min=1, help="processes per trial (torchrun)")
-    ] = 1,
+    nproc: NprocPerTrial = 1,
 ) -> None:
     """Create the study (every trial enqueued) and work through it; run it again to resume."""
     place = _place(study, folder, storage)
     open_studies(place)  # created and enqueued once, before the workers start
     print(f"study {place.spec.name}: {place.folder} ({place.url})")
-    if workers == 1:
-        work(place, nproc)
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "longtail",
-            "study",
-            "worker",
-            str(study),
-            "--dir",
-            str(place.folder),
-            "--storage",
-            place.url,
-            "--nproc-per-trial",
-            str(nproc),
-        ]
-        procs = [subprocess.Popen(cmd) for _ in range(workers)]
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise LongtailError(f"a worker exited with code {max(codes)}; see its output above")
+    run_workers(place, study, workers, nproc)
     for line in status_lines(place):
         print(line)
     print(f"report: longtail study report {study}" + (f" --dir {folder}" if folder else ""))
@@ -436,9 +419,7 @@ def study_worker(
     study: StudyFile,
     folder: StudyDir = None,
     storage: Storage = None,
-    nproc: Annotated[
-        int, typer.Option("--nproc-per-trial", min=1, help="processes per trial (torchrun)")
-    ] = 1,
+    nproc: NprocPerTrial = 1,
 ) -> None:
     """Claim and train the study's trials until none is left (one per GPU or machine)."""
     place = _place(study, folder, storage)

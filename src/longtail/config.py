@@ -8,6 +8,7 @@ silently ignored setting. Method options live under ``method:`` beside ``name:``
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,7 +226,7 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["optim.lr=0.05", "train.epochs=3"]`` into a nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+    dotted: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key or any(not p for p in key.split(".")):
@@ -234,13 +235,43 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw  # not YAML: keep the text as a string; the schema decides
+        dotted[key] = value
+        try:
+            nested(dotted)
+        except ValueError as e:
+            raise UsageError(f"--set {pair!r}: {e}") from None
+    return nested(dotted)
+
+
+def nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 0.1}`` as ``{"optim": {"lr": 0.1}}``.
+
+    Raises:
+        ValueError: When a key is a value and, in another key, a section.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *path, last = key.split(".")
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
+        for p in path:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise UsageError(f"--set {pair!r}: {p!r} is set twice as a value and a section")
-        node[parts[-1]] = value
+                raise ValueError(f"{p!r} is set twice as a value and a section")
+        node[last] = value
+    return out
+
+
+def flat(d: Mapping[str, Any], keep: Iterable[str] = (), prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` as ``{"optim.lr": 0.1}``; empty sections and the dotted
+    keys in ``keep`` stay whole values."""
+    keep = frozenset(keep)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v and key not in keep:
+            out.update(flat(v, keep, key))
+        else:
+            out[key] = v
     return out
 
 

@@ -288,6 +288,15 @@ def _apply(name: str, x: Tensor, m: Tensor) -> Tensor:
     raise ValueError(f"no batched form of AutoAugment's {name!r} (n={n})")
 
 
+def _apply_rows(name: str, x: Tensor, rows: Tensor, m: Tensor) -> Tensor:
+    """``x`` with operation ``name`` applied to its images ``rows`` (magnitudes ``m``, float64
+    on the CPU, signed), the others as they are."""
+    if name == "Solarize":  # a threshold in [0, 1]
+        m = m.clamp(max=1.0)
+    rows = rows.to(x.device)
+    return x.index_copy(0, rows, _apply(name, x[rows], m.to(x.device, x.dtype)))
+
+
 class AutoAugmentPolicy:
     """torchvision's AutoAugment for a batch: each image draws its own sub-policy, whether
     each of its two operations applies, and each magnitude's sign."""
@@ -324,10 +333,7 @@ class AutoAugmentPolicy:
                     m = values[bins[rows]]
                     if self.signed[name]:
                         m = torch.where(negative[rows], -m, m)
-                if name == "Solarize":
-                    m = m.clamp(max=1.0)
-                rows = rows.to(x.device)
-                x = x.index_copy(0, rows, _apply(name, x[rows], m.to(x.device, x.dtype)))
+                x = _apply_rows(name, x, rows, m)
         return x
 
 
@@ -379,10 +385,7 @@ class RandAugmentBatch:
                 m = torch.full((len(rows),), self.magnitudes[name], dtype=torch.float64)
                 if self.signed[name]:
                     m = torch.where(negative[rows], -m, m)
-                if name == "Solarize":
-                    m = m.clamp(max=1.0)
-                rows = rows.to(x.device)
-                x = x.index_copy(0, rows, _apply(name, x[rows], m.to(x.device, x.dtype)))
+                x = _apply_rows(name, x, rows, m)
         return x
 
 

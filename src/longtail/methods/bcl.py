@@ -35,7 +35,7 @@ from longtail.methods.base import (
     register_method,
     was,
 )
-from longtail.methods.contrastive import EmbeddingHealth
+from longtail.methods.contrastive import EmbeddingHealth, WatchesEmbeddings
 from longtail.models import ProjectionMLP
 
 PAPER = "Zhu et al., Balanced Contrastive Learning for Long-Tailed Visual Recognition, CVPR 2022"
@@ -58,8 +58,10 @@ class BCLOptions(MethodOptions):
     block_size: int | None = Field(1024, ge=1)  # BCL anchors per block; None = all at once
 
 
-class BCL(Method):
+class BCL(WatchesEmbeddings, Method):
     """BCL: a cosine classifier and a balanced contrastive branch with class centres."""
+
+    watched = "BCL"
 
     Options = BCLOptions
     opts: BCLOptions
@@ -117,13 +119,6 @@ class BCL(Method):
         bcl = balanced_contrastive_loss(z, labels, centres, o.temperature, block_size=o.block_size)
         self.health.add(z, bcl, math.log(len(centres)))  # all targets alike: log C
         return {"loss": o.ce_weight * ce + o.bcl_weight * bcl, "ce": ce, "bcl": bcl}
-
-    def scalars(self) -> dict[str, float]:
-        return self.health.scalars()
-
-    def warnings(self) -> list[str]:
-        found = self.health.warning("BCL", "add warm-up (optim.warmup_epochs) or lower optim.lr")
-        return [found] if found else []
 
 
 register_method(

@@ -123,6 +123,23 @@ class EmbeddingHealth:
         )
 
 
+class WatchesEmbeddings:
+    """The scalars and the warning of a method whose contrastive embeddings its
+    ``self.health`` watches (BCL, DSCL, PaCo, ProCo); ``watched`` names the loss."""
+
+    watched: str
+    health: EmbeddingHealth
+
+    def scalars(self) -> dict[str, float]:
+        return self.health.scalars()
+
+    def warnings(self) -> list[str]:
+        found = self.health.warning(
+            self.watched, "add warm-up (optim.warmup_epochs) or lower optim.lr"
+        )
+        return [found] if found else []
+
+
 class FeatureBranch(nn.Module):
     """Heads and loss of the feature branch: ``branch(h, labels)`` is the branch's loss.
 

@@ -48,7 +48,7 @@ from longtail.methods.classifier_stage import (
     standardised_classifier,
     with_classifier_stage,
 )
-from longtail.methods.contrastive import EmbeddingHealth
+from longtail.methods.contrastive import EmbeddingHealth, WatchesEmbeddings
 from longtail.models import LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
 
 PAPER = "Xuan & Zhang, Decoupled Contrastive Learning for Long-Tailed Recognition, AAAI 2024"
@@ -78,8 +78,10 @@ class DSCLOptions(MethodOptions, ClassifierStageOptions):
     classifier_bn: bool = True  # ours: contrastive features make plain SGD diverge
 
 
-class DSCL(FirstStageWarmStart, Method):
+class DSCL(FirstStageWarmStart, WatchesEmbeddings, Method):
     """DSCL + PBSD, then a linear classifier on frozen features."""
+
+    watched = "DSCL"
 
     Options = DSCLOptions
     opts: DSCLOptions
@@ -252,14 +254,10 @@ class DSCL(FirstStageWarmStart, Method):
         super()._load_from_state_dict(state, prefix, *args)
 
     def scalars(self) -> dict[str, float]:
-        health = self.health.scalars()
+        health = super().scalars()
         if not health:  # the classifier stage
             return {}
         return {**health, "queue_filled": self.queue.filled()}
-
-    def warnings(self) -> list[str]:
-        found = self.health.warning("DSCL", "add warm-up (optim.warmup_epochs) or lower optim.lr")
-        return [found] if found else []
 
 
 register_method(

@@ -39,7 +39,7 @@ from longtail.methods.base import (
     full_precision,
     register_method,
 )
-from longtail.methods.contrastive import EmbeddingHealth
+from longtail.methods.contrastive import EmbeddingHealth, WatchesEmbeddings
 from longtail.models import LabelledQueue, ProjectionMLP, momentum_copy, momentum_update
 
 PAPER = "Cui et al., Parametric Contrastive Learning, ICCV 2021"
@@ -61,8 +61,10 @@ class PaCoOptions(MethodOptions):
     )
 
 
-class PaCo(Method):
+class PaCo(WatchesEmbeddings, Method):
     """Contrastive learning with the classifier's centres among the targets."""
+
+    watched = "PaCo"
 
     Options = PaCoOptions
     opts: PaCoOptions
@@ -132,13 +134,6 @@ class PaCo(Method):
             momentum_update(self.key_head, self.head, self.opts.momentum)
         self.queue.push(*self._pending)
         self._pending = None
-
-    def scalars(self) -> dict[str, float]:
-        return self.health.scalars()
-
-    def warnings(self) -> list[str]:
-        found = self.health.warning("PaCo", "add warm-up (optim.warmup_epochs) or lower optim.lr")
-        return [found] if found else []
 
 
 register_method(

@@ -39,7 +39,7 @@ from longtail.methods.base import (
     full_precision,
     register_method,
 )
-from longtail.methods.contrastive import EmbeddingHealth
+from longtail.methods.contrastive import EmbeddingHealth, WatchesEmbeddings
 from longtail.models import ProjectionMLP
 
 PAPER = (
@@ -59,8 +59,10 @@ class ProCoOptions(MethodOptions):
     )
 
 
-class ProCo(Method):
+class ProCo(WatchesEmbeddings, Method):
     """A classifier branch and a contrastive branch against per-class vMF distributions."""
+
+    watched = "ProCo"
 
     Options = ProCoOptions
     opts: ProCoOptions
@@ -110,13 +112,6 @@ class ProCo(Method):
         if self._pending is not None:
             self.vmf.keep(self._pending)
             self._pending = None
-
-    def scalars(self) -> dict[str, float]:
-        return self.health.scalars()
-
-    def warnings(self) -> list[str]:
-        found = self.health.warning("ProCo", "add warm-up (optim.warmup_epochs) or lower optim.lr")
-        return [found] if found else []
 
 
 register_method(

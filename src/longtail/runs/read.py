@@ -21,7 +21,14 @@ import yaml
 
 from longtail import jsonio
 from longtail.build import build_data, build_method, config_key, method_options, validate
-from longtail.config import Config, config_from_dict, deep_merge, load_yaml, parse_overrides
+from longtail.config import (
+    Config,
+    config_from_dict,
+    deep_merge,
+    flat,
+    load_yaml,
+    parse_overrides,
+)
 from longtail.data import RunData, default_root
 from longtail.data.transforms import CROP_FRACTION, Resize
 from longtail.engine import distributed
@@ -261,8 +268,7 @@ def resume_config(cfg: Config, changes: list[str]) -> tuple[Config, int | None]:
         The new config, and the run's former epoch count when the change extends it.
     """
     given = parse_overrides(changes)
-    flat = _flat(given)
-    refused = sorted(k for k in flat if k not in RESUME_KEYS)
+    refused = sorted(k for k in flat(given, MACHINE_KEYS) if k not in RESUME_KEYS)
     if refused:
         raise UsageError(
             f"{{resume}} continues the run as its config.yaml says; {refused[0]} cannot change "
@@ -299,19 +305,6 @@ def check_extension(old: Config, new: Config, trained: int) -> None:
         )
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v and key not in MACHINE_KEYS:
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 def _as_written_now(raw: dict[str, Any]) -> dict[str, Any]:
     """A config saved by an earlier version as this one writes it (renamed options under
     their new names, new defaults filled in); as it is where it no longer validates."""
@@ -331,7 +324,7 @@ def check_checkpoint(
     saved = ckpt.get("config")
     if isinstance(saved, dict):
         saved = _as_written_now(saved)
-        a, b = _flat(saved), _flat(cfg.model_dump(mode="json"))
+        a, b = flat(saved, MACHINE_KEYS), flat(cfg.model_dump(mode="json"), MACHINE_KEYS)
         differ = sorted(
             k
             for k in a.keys() | b.keys()

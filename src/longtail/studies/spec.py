@@ -41,6 +41,7 @@ from longtail.config import (
     format_validation_error,
     load_config,
     load_yaml,
+    nested,
 )
 from longtail.errors import UsageError, shown
 
@@ -155,18 +156,6 @@ def _midpoints(entry: Entry) -> dict[str, Any]:
         else:
             assert p.low is not None
             out[key] = int(p.low) if p.int else p.low
-    return out
-
-
-def nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    """``{"optim.lr": 0.1}`` as ``{"optim": {"lr": 0.1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
     return out
 
 

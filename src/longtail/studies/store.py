@@ -33,7 +33,7 @@ from typing import Any
 
 from longtail.config import dump_config
 from longtail.engine.run_dir import RunDir
-from longtail.errors import UsageError, shown
+from longtail.errors import LongtailError, UsageError, shown
 from longtail.provenance import hardware, source_commit
 from longtail.studies.spec import Entry, StudySpec, trial_config
 
@@ -271,6 +271,23 @@ def work(
             state, line = run_trial(place, study, trial, nproc, poll_s)
         say(f"trial {trial.user_attrs['entry']}/{trial.user_attrs['run']}: {line}")
         done += state == TrialState.COMPLETE
+
+
+def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 1) -> None:
+    """Work through the study: in this process for one worker, else in ``workers`` processes
+    of ``longtail study worker`` on ``study_file`` (this study's file) sharing its storage.
+
+    Raises:
+        LongtailError: When a worker process fails.
+    """
+    if workers == 1:
+        work(place, nproc)
+        return
+    cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
+           str(place.folder), "--storage", place.url, "--nproc-per-trial", str(nproc)]  # fmt: skip
+    codes = [p.wait() for p in [subprocess.Popen(cmd) for _ in range(workers)]]
+    if any(codes):
+        raise LongtailError(f"a study worker exited with code {max(codes)}; see its output above")
 
 
 def _train_command(run_dir: Path, config: Path | None, nproc: int) -> list[str]:
