@@ -12,8 +12,15 @@ entries, trained by its workers (``--workers N`` processes) into <out>/runs/<ent
 with the study's storage in <out>/study.db; each trial holds out ``--val-per-class`` images
 of each class for validation (a study's rule; nothing here is chosen on them) and records
 its machine and commit. A finished (entry, seed) is kept on a re-run, an interrupted one
-resumed from its checkpoint. Tables made before the benchmark became a study (no validation
-split, ``<out>/runs/<entry>@seed<s>``) keep their rows.
+resumed from its checkpoint. Runs into a folder that holds the benchmark's study already
+join it at the same budget: e.g. every entry at seed 0, then a few at seeds 1 and 2
+
+    A="python benchmarks/accuracy.py --epochs 10 --out benchmarks/results/x"
+    $A --seeds 0 && $A --seeds 1 2 --entries hybrid-sc ce
+
+make one study (``<out>/study.yaml``: each entry at its own seeds) and one table. Tables
+made before the benchmark became a study (no validation split,
+``<out>/runs/<entry>@seed<s>``) keep their rows.
 Results of several runs of the benchmark (e.g. two processes of one thread each, writing to
 two folders) go into one table with
 
@@ -170,6 +177,54 @@ def accuracy_study(args: argparse.Namespace) -> StudySpec:
     )
 
 
+# Settings of how a trial runs, not what it trains: a later run of the benchmark into the
+# same folder may change them (another machine).
+HOW = ("train.threads", "train.report", "data.num_workers")
+
+
+def joined(spec: StudySpec, study_file: Path) -> StudySpec:
+    """``spec`` with the study already in ``study_file`` (if any): the entries of both, each
+    at the seeds of both (the entry's own seeds where they are not the study's).
+
+    Raises:
+        SystemExit: When the folder's study has another budget, or an entry another recipe.
+    """
+    if not study_file.exists():
+        return spec
+    old = StudySpec.model_validate(yaml.safe_load(study_file.read_text()))
+
+    def budget(s: StudySpec) -> dict:
+        out = s.model_dump(mode="json", exclude={"entries", "seeds"})
+        out["set"] = {k: v for k, v in out["set"].items() if k not in HOW}
+        return out
+
+    if budget(old) != budget(spec):
+        raise SystemExit(
+            f"{study_file} is a study at another budget ({budget(old)}); give another --out"
+        )
+    entries = {e.name: e for e in old.entries}
+    seeds = {e.name: list(old.seeds_of(e)) for e in old.entries}
+    for e in spec.entries:
+        if e.name in entries and entries[e.name].model_dump(exclude={"seeds"}) != e.model_dump(
+            exclude={"seeds"}
+        ):
+            raise SystemExit(f"{study_file} trains entry {e.name} otherwise; give another --out")
+        entries.setdefault(e.name, e)
+        seeds[e.name] = seeds.get(e.name, []) + [
+            s for s in spec.seeds if s not in seeds.get(e.name, [])
+        ]
+    every = sorted({s for v in seeds.values() for s in v})
+    return spec.model_copy(
+        update={
+            "seeds": every,
+            "entries": [
+                e.model_copy(update={"seeds": None if seeds[n] == every else seeds[n]})
+                for n, e in entries.items()
+            ],
+        }
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion-mnist", help="folder under configs/")
@@ -190,12 +245,12 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
-    spec = accuracy_study(args)
+    study_file = args.out / "study.yaml"
+    spec = joined(accuracy_study(args), study_file)
     place = StudyPlace.of(spec, Path("."), args.out, None)
     open_studies(place)  # every (entry, seed) not yet finished in the folder is enqueued
     # The study file beside its storage: `longtail study status|report <out>/study.yaml
     # --dir <out>` read it, and worker processes run it.
-    study_file = args.out / "study.yaml"
     study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     run_workers(place, study_file, args.workers)
     results_path = args.out / "accuracy.json"

@@ -105,3 +105,45 @@ def test_every_entry_as_a_study_trial_is_the_budget_config(entry, monkeypatch):
     for key in ("seed", "name"):
         got.pop(key), want.pop(key)
     assert got == want
+
+
+def test_a_second_run_of_the_benchmark_joins_the_folders_study(tmp_path, monkeypatch):
+    """Every entry at seed 0, then two at seeds 1 and 2, into one folder: one study, each
+    entry at its own seeds, enqueued seed by seed; another budget or recipe is refused."""
+    import argparse
+
+    import yaml
+
+    from longtail.studies import StudyPlace, open_studies, trial_rows
+
+    monkeypatch.chdir(ROOT)
+
+    def args(seeds, entries, epochs=10, overrides=("train.threads=1",)):
+        return argparse.Namespace(dataset="fashion-mnist", entries=entries, seeds=seeds,
+                                  epochs=epochs, batch_size=128, overrides=list(overrides),
+                                  val_per_class=50)  # fmt: skip
+
+    study_file = tmp_path / "study.yaml"
+    spec = accuracy.joined(accuracy.accuracy_study(args([0], ["ce", "focal", "bcl"])), study_file)
+    study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    later = args([1, 2], ["bcl", "ce"], overrides=["train.threads=2"])  # another machine: ok
+    spec = accuracy.joined(accuracy.accuracy_study(later), study_file)
+    assert spec.seeds == [0, 1, 2]
+    assert {e.name: spec.seeds_of(e) for e in spec.entries} == {
+        "ce": [0, 1, 2], "focal": [0], "bcl": [0, 1, 2]}  # fmt: skip
+    assert [e.seeds for e in spec.entries] == [None, [0], None]
+    place = StudyPlace.of(spec, ROOT, tmp_path, None)
+    open_studies(place)
+    order = [(r["entry"], r["seed"]) for r in sorted(trial_rows(place), key=lambda r: r["number"])]
+    assert order == [("ce", 0), ("focal", 0), ("bcl", 0), ("ce", 1), ("bcl", 1), ("ce", 2),
+                     ("bcl", 2)]  # fmt: skip
+    study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    with pytest.raises(SystemExit, match="another budget"):
+        accuracy.joined(accuracy.accuracy_study(args([3], ["ce"], epochs=6)), study_file)
+    with pytest.raises(SystemExit, match="another budget"):
+        accuracy.joined(accuracy.accuracy_study(args([3], ["ce"], overrides=["optim.lr=1"])),
+                        study_file)  # fmt: skip
+    changed = accuracy.accuracy_study(args([3], ["ce"]))
+    changed.entries[0].recipe = "configs/fashion-mnist/focal-r100.yaml"
+    with pytest.raises(SystemExit, match="trains entry ce otherwise"):
+        accuracy.joined(changed, study_file)

@@ -101,6 +101,9 @@ def test_a_study_file_is_checked_before_anything_runs(tmp_path, pattern_folder):
     for change, needle in (
         ({"set": {"data.root": str(pattern_folder)}}, "selects and prunes on a validation split"),
         ({"entries": raw["entries"] * 2}, "given twice: ce, la"),
+        ({"seeds": [0, 0]}, r"seeds \[0, 0\]: each seed once"),
+        ({"entries": [{**raw["entries"][0], "seeds": [1, 2, 1]}]}, "entry 'ce': seeds"),
+        ({"entries": [{**raw["entries"][0], "seeds": []}]}, "seeds"),
         ({"entries": [{"name": "x", "recipe": "nope.yaml"}]}, "study entry 'x'"),
         ({"entries": [{**raw["entries"][1], "search": {"trials": 2, "space": {
             "optim.lr": {"low": 0.2, "high": 0.1}}}}]}, "low < high"),
@@ -339,6 +342,23 @@ def test_study_run_enqueues_what_the_file_adds_and_what_failed(tmp_path, pattern
     open_studies(_place(study, tmp_path / "out"))
     assert sorted((r["entry"], r["run"]) for r in trial_rows(place) if r["state"] == "waiting") == [
         ("ce", "seed-0"), ("ce", "seed-1"), ("la", "seed-0"), ("la", "seed-1")]  # fmt: skip
+
+
+def test_an_entry_with_its_own_seeds_and_the_order_seed_by_seed(tmp_path, pattern_folder):
+    """An entry's own seeds replace the study's; trials are enqueued (and so claimed) seed by
+    seed, every entry's first seed first; the report says the seeds are per entry."""
+    from longtail.studies.report import markdown, summarise
+    from longtail.studies.store import open_studies
+
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0, 1])
+    raw = yaml.safe_load(study.read_text())
+    raw["entries"][0]["seeds"] = [5, 6, 7]
+    study.write_text(yaml.safe_dump(raw))
+    place = _place(study, tmp_path / "out")
+    open_studies(place)
+    order = [(r["entry"], r["seed"]) for r in sorted(trial_rows(place), key=lambda r: r["number"])]
+    assert order == [("ce", 5), ("la", 0), ("ce", 6), ("la", 1), ("ce", 7)]
+    assert "seeds [0, 1] (or the entry's own)" in markdown(place, summarise(place))
 
 
 def test_a_trial_can_be_a_torchrun_job(tmp_path, pattern_folder):

@@ -135,8 +135,10 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
     """The report as markdown: the table over seeds, then the searches' best settings."""
     spec = place.spec
     budget = f"{spec.epochs} epochs" if spec.epochs else "each recipe's own epochs"
+    own = any(e.seeds is not None for e in spec.entries)
+    seeds = f"seeds {spec.seeds}" + (" (or the entry's own)" if own else "")
     lines = [
-        f"Study {spec.name}: {len(spec.entries)} entries x seeds {spec.seeds}, {budget}. "
+        f"Study {spec.name}: {len(spec.entries)} entries x {seeds}, {budget}. "
         "Ranked by validation top-1 (held out of the training set; the study selects and "
         "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
         "",

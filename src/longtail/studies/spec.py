@@ -13,15 +13,18 @@
         recipe: configs/folder/ce-resnet50.yaml
       - name: hybrid-sc
         recipe: configs/folder/hybrid-sc-resnet50.yaml
+        seeds: [0, 1, 2, 3, 4]     # this entry's own seeds (else the study's)
         search:                    # 8 trials over these options, pruned on validation top-1
           trials: 8
           space:
             method.temperature: {low: 0.05, high: 0.3, log: true}
             optim.lr: {low: 3.0e-4, high: 3.0e-3, log: true}
 
-Every entry runs once per seed with its recipe as written (plus ``set``); an entry with
-``search`` also runs ``trials`` trials at the first seed, each with options drawn by the
-study's sampler. Trials are selected and pruned on the validation split, never the test set.
+Every entry runs once per seed (its own ``seeds``, else the study's) with its recipe as
+written (plus ``set``); an entry with ``search`` also runs ``trials`` trials at its first
+seed, each with options drawn by the study's sampler. Trials are trained seed by seed: every
+entry's first seed before any entry's second, so a study stopped early has the whole table
+at its first seed. Trials are selected and pruned on the validation split, never the test set.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Entry(_Strict):
     name: str
     recipe: str
     set: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] | None = Field(None, min_length=1)  # else the study's seeds
     search: Search | None = None
 
 
@@ -114,7 +118,16 @@ class StudySpec(_Strict):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"entry names must differ; given twice: {', '.join(twice)}")
+        for where, seeds in [("seeds", self.seeds)] + [
+            (f"entry {e.name!r}: seeds", e.seeds) for e in self.entries if e.seeds
+        ]:
+            if len(set(seeds)) < len(seeds):
+                raise ValueError(f"{where} {seeds}: each seed once")
         return self
+
+    def seeds_of(self, entry: Entry) -> list[int]:
+        """The seeds ``entry`` runs at: its own, else the study's."""
+        return entry.seeds if entry.seeds is not None else self.seeds
 
     def entry(self, name: str) -> Entry:
         for e in self.entries:
@@ -141,7 +154,7 @@ def load_study(path: str | Path) -> tuple[StudySpec, Path]:
     except ValidationError as e:
         raise UsageError(f"study file {shown(path)}: {format_validation_error(e)}") from None
     for entry in spec.entries:  # every trial's config, checked before anything runs
-        trial_config(spec, entry, spec.seeds[0], _midpoints(entry), path.parent)
+        trial_config(spec, entry, spec.seeds_of(entry)[0], _midpoints(entry), path.parent)
     return spec, path.parent
 
 

@@ -173,13 +173,14 @@ def _enqueue(spec: StudySpec, study: Any, entry: Entry | None) -> None:
     held = {(t.user_attrs.get("entry"), t.user_attrs.get("run"))
             for t in study.get_trials(deepcopy=False, states=states)}  # fmt: skip
     wanted: list[dict[str, Any]] = []
-    if entry is None:
-        for e in spec.entries:
-            wanted += [{"entry": e.name, "seed": seed, "run": f"seed-{seed}", "kind": "fixed"}
-                       for seed in spec.seeds]  # fmt: skip
+    if entry is None:  # seed by seed: every entry's first seed before any entry's second
+        for k in range(max(len(spec.seeds_of(e)) for e in spec.entries)):
+            wanted += [{"entry": e.name, "seed": spec.seeds_of(e)[k], "run":
+                        f"seed-{spec.seeds_of(e)[k]}", "kind": "fixed"}
+                       for e in spec.entries if k < len(spec.seeds_of(e))]  # fmt: skip
     else:
         assert entry.search is not None
-        wanted += [{"entry": entry.name, "seed": spec.seeds[0], "run": f"search-{k}",
+        wanted += [{"entry": entry.name, "seed": spec.seeds_of(entry)[0], "run": f"search-{k}",
                     "kind": "search"} for k in range(entry.search.trials)]  # fmt: skip
     for attrs in wanted:
         if (attrs["entry"], attrs["run"]) not in held:
