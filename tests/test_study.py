@@ -373,3 +373,36 @@ def test_a_trial_can_be_a_torchrun_job(tmp_path, pattern_folder):
     log = (folder / "runs/ce/seed-0.log").read_text()
     assert "[rank1]" in log, log[-1500:]  # the second process of the job
     assert "held out for validation (data.val_per_class)" in log and "data.n_max" not in log
+
+
+def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monkeypatch):
+    """`study run --workers N` on a machine with GPUs: each worker process sees its own GPUs
+    (slices of --nproc-per-trial, in turn where there are fewer than the workers need)."""
+    from longtail.studies import store
+
+    assert store.gpu_shares([], 3) == [None, None, None]  # the CPU
+    assert store.gpu_shares(["0", "1", "2", "3"], 4) == [["0"], ["1"], ["2"], ["3"]]
+    assert store.gpu_shares(["0", "1"], 3) == [["0"], ["1"], ["0"]]  # small trials share
+    assert store.gpu_shares(["0", "1", "2", "3"], 2, 2) == [["0", "1"], ["2", "3"]]
+    assert store.gpu_shares(["0", "1", "2"], 2, 2) == [["0", "1"], ["2", "0"]]
+    assert store.gpu_shares(["0"], 2, 2) == [None, None]  # a trial needs more than there are
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-5f2a,-1,7")
+    assert store.visible_gpus() == ["3", "GPU-5f2a"]  # CUDA stops at an invalid entry
+    seen = []
+
+    class Popen:  # the worker processes, recorded instead of started
+        def __init__(self, cmd, env):
+            seen.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(store.subprocess, "Popen", Popen)
+    spec = StudyPlace(None, tmp_path, tmp_path, "sqlite:///x.db")  # type: ignore[arg-type]
+    store.run_workers(spec, tmp_path / "s.yaml", 3)
+    assert [gpus for _, gpus in seen] == ["3", "GPU-5f2a", "3"]
+    assert all(cmd[3:5] == ["study", "worker"] for cmd, _ in seen)
+    seen.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    store.run_workers(spec, tmp_path / "s.yaml", 2)
+    assert [gpus for _, gpus in seen] == ["", ""]  # none visible: left as it is

@@ -401,7 +401,10 @@ def study_run(
     study: StudyFile,
     folder: StudyDir = None,
     storage: Storage = None,
-    workers: Annotated[int, typer.Option(min=1, help="worker processes on this machine")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="worker processes on this machine (each its share of the GPUs)"),
+    ] = 1,
     nproc: NprocPerTrial = 1,
 ) -> None:
     """Create the study (every trial enqueued) and work through it; run it again to resume."""

@@ -274,9 +274,37 @@ def work(
         done += state == TrialState.COMPLETE
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, by the names CUDA_VISIBLE_DEVICES gives them."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:  # CUDA stops at the first invalid entry ("-1": none)
+        names = []
+        for name in (g.strip() for g in given.split(",")):
+            if not name or name.startswith("-"):
+                break
+            names.append(name)
+        return names
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable CUDA build or driver: the CPU
+        return []
+
+
+def gpu_shares(gpus: list[str], workers: int, nproc: int = 1) -> list[list[str] | None]:
+    """The GPUs of each of ``workers`` worker processes whose trials run ``nproc`` processes:
+    slices of ``nproc`` GPUs, disjoint where there are enough, else taken in turn (several
+    small trials share a GPU); None (all of them) where a trial needs more than there are."""
+    if not gpus or nproc > len(gpus):
+        return [None] * workers
+    return [[gpus[(k * nproc + i) % len(gpus)] for i in range(nproc)] for k in range(workers)]
+
+
 def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 1) -> None:
     """Work through the study: in this process for one worker, else in ``workers`` processes
-    of ``longtail study worker`` on ``study_file`` (this study's file) sharing its storage.
+    of ``longtail study worker`` on ``study_file`` (this study's file) sharing its storage,
+    each given its share of this machine's GPUs (``gpu_shares``).
 
     Raises:
         LongtailError: When a worker process fails.
@@ -286,7 +314,14 @@ def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 
         return
     cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
            str(place.folder), "--storage", place.url, "--nproc-per-trial", str(nproc)]  # fmt: skip
-    codes = [p.wait() for p in [subprocess.Popen(cmd) for _ in range(workers)]]
+    procs = []
+    for k, share in enumerate(gpu_shares(visible_gpus(), workers, nproc)):
+        env = dict(os.environ)
+        if share is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(share)
+            print(f"worker {k}: GPU {env['CUDA_VISIBLE_DEVICES']}", flush=True)
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
     if any(codes):
         raise LongtailError(f"a study worker exited with code {max(codes)}; see its output above")
 
