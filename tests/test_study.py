@@ -198,7 +198,15 @@ def test_a_worker_killed_mid_trial_leaves_it_to_be_retried_and_resumed(tmp_path,
     _wait_for(lambda: not _training(first), timeout=60)
     killed_at = _epochs(first)
     assert killed_at < 60  # stopped by its worker's death, not trained to its end
+    # The epochs before the death as if each had taken 1,000 s: the retry's wall time counts
+    # those its checkpoint kept.
+    lines = [json.loads(s) for s in (first / "metrics.jsonl").read_text().splitlines()]
+    (first / "metrics.jsonl").write_text(
+        "".join(json.dumps({**h, "epoch_time_s": 1000.0}) + "\n" for h in lines)
+    )
+    t0 = time.time()
     again = _cli("study", "worker", str(study), "--dir", str(folder))
+    took = time.time() - t0
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     rows = trial_rows(_place(study, folder))
     ce = [r for r in rows if r["entry"] == "ce"]
@@ -207,6 +215,10 @@ def test_a_worker_killed_mid_trial_leaves_it_to_be_retried_and_resumed(tmp_path,
     assert retry["retry_of"] is not None
     history = [json.loads(s) for s in (first / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, 61))  # resumed: no epoch twice
+    kept = retry["resumed_after_epoch"]
+    assert 1 <= kept <= killed_at
+    assert [h["epoch_time_s"] for h in history[:kept]] == [1000.0] * kept
+    assert 1000 * kept < retry["wall_s"] < 1000 * kept + took
     p = progress(_place(study, folder))
     assert p["finished"] == p["total"] == 2 and p["counts"]["ce"]["failed"] == 0
 

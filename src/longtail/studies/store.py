@@ -384,6 +384,9 @@ def run_trial(
     run = RunDir(run_dir)
     t0 = time.time()
     trained = not run.evaluation().is_file()  # else a retry after its training ended
+    # A retry continues from the last checkpoint: the epochs before it count in its wall time
+    # (metrics.jsonl agrees with that checkpoint once training resumes).
+    before = _epochs_seen(run.metrics) if trained and run.started() else []
     if trained:
         config = None
         if not run.started():
@@ -415,7 +418,12 @@ def run_trial(
             return TrialState.FAIL, f"failed: {reason} (log: {shown(log)})"
     results = trial_results(run_dir)
     if trained:  # the whole process (start, training, evaluation); else its epochs' time
-        results["wall_s"] = time.time() - t0
+        # the epochs trained before the retry: their lines are still there as they were (a
+        # line the checkpoint restored, after a kill between the two writes, is not counted)
+        kept = [r for r in _epochs_seen(run.metrics) if "epoch_time_s" in r and r in before]
+        results["wall_s"] = time.time() - t0 + sum(float(r["epoch_time_s"]) for r in kept)
+        if kept:
+            results["resumed_after_epoch"] = int(kept[-1]["epoch"])
     results["provenance"] = {**hardware(), "commit": source_commit()}
     for key, value in results.items():
         trial.set_user_attr(key, value)
