@@ -39,10 +39,9 @@ from provenance import commit, hardware, imbalance_ratio
 
 from longtail.build import carried_options, scale_epochs
 from longtail.config import config_from_dict, deep_merge, flat, load_config, parse_overrides
-from longtail.methods import METHODS
 from longtail.runs.read import read_run_config
 from longtail.studies import StudyPlace, open_studies, run_workers, trial_rows
-from longtail.studies.report import latest
+from longtail.studies.report import latest, paper_of
 from longtail.studies.spec import Entry, StudySpec
 
 # the papers' views for bcl: AutoAugment(CIFAR10) + Cutout for the classifier, SimCLR's crops
@@ -308,12 +307,6 @@ def images_per_s(metrics: Path) -> float:
     return sum(e["images_per_s"] * e["epoch_time_s"] for e in epochs) / seconds
 
 
-def paper(entry: dict) -> str:
-    """The method's paper, short: first author and venue."""
-    parts = [s.strip() for s in METHODS.meta(entry["method"]["name"])["paper"].split(",")]
-    return f"{parts[0]}, {parts[-1]}" if len(parts) > 2 else ", ".join(parts)
-
-
 def merge(folders: list[Path], out: Path) -> None:
     """One accuracy.md (and accuracy.json) of the runs in ``folders``; each row says its
     commit and settings where they differ."""
@@ -378,8 +371,9 @@ def write_table(results: dict, path: Path) -> None:
         first = rows[0]
         ips = f"{first['images_per_s']:.0f}" if "images_per_s" in first else "-"  # older runs
         seeds = " ".join(str(r["seed"]) for r in rows)
+        paper = paper_of(first["method"]["name"])
         lines.append(
-            f"| {name} | {paper(first)} | {len(rows)} | {mean(rows, 'top1')} | {sd} | "
+            f"| {name} | {paper} | {len(rows)} | {mean(rows, 'top1')} | {sd} | "
             f"{per_seed} | {mean(rows, 'many')} | {mean(rows, 'medium')} | {mean(rows, 'few')} | "
             f"{mean(rows, 'ece')} | {first['wall_s']:.0f} | {ips} | "
             f"`--entries {name} --seeds {seeds}` |"

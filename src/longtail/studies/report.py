@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from longtail.errors import UsageError
+from longtail.methods import METHODS
+from longtail.studies.spec import trial_config
 from longtail.studies.store import StudyPlace, trial_rows
 
 STATES = ("complete", "running", "waiting", "pruned", "failed")
@@ -89,7 +91,9 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
         runs = sorted(fixed.get(entry.name, []), key=lambda r: r["seed"])
         if not runs:
             continue
-        row: dict[str, Any] = {"entry": entry.name, "seeds": len(runs)}
+        method = trial_config(place.spec, entry, runs[0]["seed"], {}, place.base).method_name
+        row: dict[str, Any] = {"entry": entry.name, "seeds": len(runs), "method": method}
+        row["top1_per_seed"] = [r["top1"] for r in runs]
         for m in METRICS:
             values = [float(r[m]) for r in runs if r.get(m) is not None]
             row[m], row[f"{m}_sd"] = _mean_sd(values)
@@ -142,13 +146,18 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         "Ranked by validation top-1 (held out of the training set; the study selects and "
         "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
         "",
-        "| entry | seeds | val top-1 | test top-1 | many | medium | few | ECE | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| entry | paper | seeds | val top-1 | test top-1 | test top-1 per seed | many | medium "
+        "| few | ECE | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["table"]:
         cells = [_cell(r[m], r[f"{m}_sd"]) for m in METRICS]
+        cells.insert(2, ", ".join(f"{v:.4f}" for v in r["top1_per_seed"]))
+        name = r["entry"] if r["method"] == r["entry"] else f"{r['entry']} ({r['method']})"
         lines.append(
-            f"| {r['entry']} | {r['seeds']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |"
+            f"| {name} | {paper_of(r['method'])} | {r['seeds']} | "
+            + " | ".join(cells)
+            + f" | {r['wall_s']:.0f} |"
         )
     if summary.get("machines"):
         lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
@@ -167,6 +176,12 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
                 f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def paper_of(method: str) -> str:
+    """The method's paper, short (first author and venue), from the method registry."""
+    parts = [s.strip() for s in METHODS.meta(method)["paper"].split(",")]
+    return f"{parts[0]}, {parts[-1]}" if len(parts) > 2 else ", ".join(parts)
 
 
 def _short(v: Any) -> str:
