@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longtail.config import dump_config
+from longtail.config import Config, dump_config
 from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.provenance import hardware, source_commit
@@ -388,31 +388,14 @@ def run_trial(
     # (metrics.jsonl agrees with that checkpoint once training resumes).
     before = _epochs_seen(run.metrics) if trained and run.started() else []
     if trained:
-        config = None
-        if not run.started():
-            config = run_dir.parent / f"{run_dir.name}.yaml"
-            config.write_text(dump_config(cfg), encoding="utf-8")
-        log = run_dir.parent / f"{run_dir.name}.log"
-        with open(log, "a", encoding="utf-8") as out:
-            proc = subprocess.Popen(
-                _train_command(run_dir, config, nproc),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_stop_with_parent,
-            )
-            prunable = attrs["kind"] == "search"  # the fixed trials are the table
-            try:
-                pruned = _follow(proc, run.metrics, study, trial, prunable, poll_s)
-            finally:  # the worker stopped (Ctrl-C, an error): its training stops with it
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait()
+        prunable = attrs["kind"] == "search"  # the fixed trials are the table
+        pruned, code, log = _train(run, cfg, nproc, (study, trial, prunable, poll_s))
         if pruned is not None:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, f"pruned after epoch {pruned}"
-        if proc.returncode != 0:
+        if code != 0:
             last = [s for s in log.read_text(encoding="utf-8").splitlines() if s.strip()]
-            reason = last[-1] if last else f"exit code {proc.returncode}"
+            reason = last[-1] if last else f"exit code {code}"
             trial.set_user_attr("error", reason)
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL, f"failed: {reason} (log: {shown(log)})"
@@ -431,6 +414,32 @@ def run_trial(
     return TrialState.COMPLETE, (
         f"validation top-1 {results['val_top1']:.4f}, test top-1 {results['top1']:.4f}"
     )
+
+
+def _train(run: RunDir, cfg: Config, nproc: int, follow: tuple) -> tuple[int | None, int, Path]:
+    """Train ``run`` (from ``cfg``, or resumed from its checkpoint) in a `longtail train`
+    process that writes its log beside it, following its epochs (``follow``: the arguments of
+    ``_follow`` after the process and metrics); the epoch it was pruned at or None, its exit
+    code, and the log."""
+    config = None
+    if not run.started():
+        config = run.path.parent / f"{run.path.name}.yaml"
+        config.write_text(dump_config(cfg), encoding="utf-8")
+    log = run.path.parent / f"{run.path.name}.log"
+    with open(log, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            _train_command(run.path, config, nproc),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_stop_with_parent,
+        )
+        try:
+            pruned = _follow(proc, run.metrics, *follow)
+        finally:  # the worker stopped (Ctrl-C, an error): its training stops with it
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+    return pruned, proc.returncode, log
 
 
 def _follow(
