@@ -141,13 +141,14 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     report = _cli("study", "report", str(study), "--dir", str(folder))
     assert report.returncode == 0, report.stderr
     md = (folder / "report.md").read_text()
-    assert "Ranked by validation top-1" in md
+    assert "Ranked by validation top-1" in md and "Best on validation: " in md
     rows_md = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()]
     table = {c[0]: c for c in rows_md if c[0] in ("ce", "la (logit-adjust)")}
     assert len(table) == 2, md
     la = table["la (logit-adjust)"]
     assert la[1:3] == ["Menon et al., ICLR 2021", "2"]  # the method's paper, the seeds
-    assert la[5] == ", ".join(f"{r['top1']:.4f}" for r in sorted(
+    assert {table["ce"][4].split(":")[0], la[4].split(":")[0]} & {"best"}  # one is the best
+    assert la[6] == ", ".join(f"{r['top1']:.4f}" for r in sorted(
         (r for r in fixed if r["entry"] == "la"), key=lambda r: r["seed"]))  # fmt: skip
     assert "optim.lr=" in md and "Trials ran on: " in md and "torch " in md
     assert all(r["provenance"]["torch"] for r in rows if r["state"] == "complete")
@@ -425,3 +426,31 @@ def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monke
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     store.run_workers(spec, tmp_path / "s.yaml", 2)
     assert [gpus for _, gpus in seen] == ["", ""]  # none visible: left as it is
+
+
+def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
+    """versus(): the paired differences over shared seeds, and a t-test at 95% whose
+    quantiles are checked against Student's t integrated in float64."""
+    import torch
+
+    from longtail.studies.report import T95, versus
+
+    for df, q in enumerate(T95, start=1):
+        x = torch.linspace(-q, q, 200_001, dtype=torch.float64)
+        mass = torch.trapezoid(torch.distributions.StudentT(df).log_prob(x).exp(), x)
+        assert abs(mass.item() - 0.95) < 2e-4, (df, mass.item())
+    best = {0: 0.80, 1: 0.82, 2: 0.81}
+    worse = versus(best, {0: 0.790, 1: 0.809, 2: 0.798})  # 0.010, 0.011, 0.012 lower
+    assert worse["verdict"] == "worse" and worse["seeds"] == 3
+    assert worse["diff"] == pytest.approx(-0.011) and worse["sd"] == pytest.approx(0.001)
+    assert versus(best, {0: 0.81, 1: 0.81, 2: 0.815})["verdict"] == "tie"  # +0.01, -0.01, +0.005
+    assert versus(best, {k: v - 0.02 for k, v in best.items()})["verdict"] == "worse"  # sd 0
+    assert versus(best, {k: v + 0.02 for k, v in best.items()})["verdict"] == "better"
+    # differences -0.01 -+ a over 3 seeds: t = 0.01 * sqrt(3) / a, against 4.303
+    for t, verdict in ((4.0, "tie"), (4.6, "worse")):
+        a = 0.01 * 3**0.5 / t
+        d = {0: -0.01 - a, 1: -0.01, 2: -0.01 + a}
+        assert versus(best, {k: best[k] + d[k] for k in best})["verdict"] == verdict, t
+    one = versus(best, {1: 0.70, 7: 0.9})
+    assert one == {"seeds": 1, "diff": pytest.approx(-0.12), "sd": None, "verdict": "tie"}
+    assert versus(best, {5: 0.9})["diff"] is None

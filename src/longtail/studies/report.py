@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,32 @@ from longtail.studies.store import StudyPlace, trial_rows
 
 STATES = ("complete", "running", "waiting", "pruned", "failed")
 METRICS = ("val_top1", "top1", "many", "medium", "few", "ece")
+
+
+# Two-sided 95% quantiles of Student's t with 1..30 degrees of freedom (from its tables);
+# past 30, the normal's 1.96 is within 0.05 of them.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+       2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+    """``other`` against ``best`` (validation top-1 by seed): the mean and sd of their
+    differences on the seeds both ran, and a paired t-test's verdict at 95%: "worse",
+    "better" or "tie" (not told apart; always so with fewer than two shared seeds)."""
+    diffs = [other[s] - best[s] for s in sorted(set(best) & set(other))]
+    out: dict[str, Any] = {"seeds": len(diffs), "diff": None, "sd": None, "verdict": "tie"}
+    if not diffs:
+        return out
+    out["diff"], out["sd"] = _mean_sd(diffs)
+    if len(diffs) < 2:
+        return out
+    n, mean, sd = len(diffs), out["diff"], out["sd"]
+    critical = T95[n - 2] if n - 1 <= len(T95) else 1.96
+    told = abs(mean) / (sd / math.sqrt(n)) > critical if sd > 0 else mean != 0
+    if told:
+        out["verdict"] = "better" if mean > 0 else "worse"
+    return out
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,6 +121,7 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
         method = trial_config(place.spec, entry, runs[0]["seed"], {}, place.base).method_name
         row: dict[str, Any] = {"entry": entry.name, "seeds": len(runs), "method": method}
         row["top1_per_seed"] = [r["top1"] for r in runs]
+        row["val_by_seed"] = {r["seed"]: float(r["val_top1"]) for r in runs}
         for m in METRICS:
             values = [float(r[m]) for r in runs if r.get(m) is not None]
             row[m], row[f"{m}_sd"] = _mean_sd(values)
@@ -104,6 +132,8 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
         row["classes"], row["train_counts"] = runs[0]["classes"], runs[0]["train_counts"]
         table.append(row)
     table.sort(key=lambda r: -(r["val_top1"] or 0))
+    for r in table[1:]:
+        r["versus_best"] = versus(table[0]["val_by_seed"], r["val_by_seed"])
     best = []
     for entry in place.spec.entries:
         tried = search.get(entry.name, [])
@@ -146,19 +176,35 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         "Ranked by validation top-1 (held out of the training set; the study selects and "
         "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
         "",
-        "| entry | paper | seeds | val top-1 | test top-1 | test top-1 per seed | many | medium "
-        "| few | ECE | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| entry | paper | seeds | val top-1 | val vs best, paired | test top-1 | test top-1 per "
+        "seed | many | medium | few | ECE | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["table"]:
         cells = [_cell(r[m], r[f"{m}_sd"]) for m in METRICS]
-        cells.insert(2, ", ".join(f"{v:.4f}" for v in r["top1_per_seed"]))
+        cells.insert(1, _versus_cell(r.get("versus_best")))
+        cells.insert(3, ", ".join(f"{v:.4f}" for v in r["top1_per_seed"]))
         name = r["entry"] if r["method"] == r["entry"] else f"{r['entry']} ({r['method']})"
         lines.append(
             f"| {name} | {paper_of(r['method'])} | {r['seeds']} | "
             + " | ".join(cells)
             + f" | {r['wall_s']:.0f} |"
         )
+    if len(summary["table"]) > 1:
+        top = summary["table"][0]
+        ties = [r["entry"] for r in summary["table"][1:] if r["versus_best"]["verdict"] != "worse"]
+        lines += [
+            "",
+            f"Best on validation: {top['entry']}. "
+            + (
+                "Not told apart from it by a paired t-test of validation top-1 over the seeds "
+                f"both ran (95%): {', '.join(ties)}. Two seeds tell only large differences "
+                "apart, one seed none; more seeds narrow it."
+                if ties
+                else "Every other entry is worse on the seeds it shares with it (a paired "
+                "t-test of validation top-1, 95%)."
+            ),
+        ]
     if summary.get("machines"):
         lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
     if summary["best"]:
@@ -176,6 +222,16 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
                 f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _versus_cell(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "best"
+    if v["diff"] is None:
+        return "no shared seed"
+    sd = f" ± {v['sd']:.4f}" if v["sd"] is not None else ""
+    said = {"tie": f"not told apart ({v['seeds']} seeds)"}.get(v["verdict"], v["verdict"])
+    return f"{v['diff']:+.4f}{sd}: {said}"
 
 
 def paper_of(method: str) -> str:
