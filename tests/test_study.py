@@ -454,3 +454,24 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     one = versus(best, {1: 0.70, 7: 0.9})
     assert one == {"seeds": 1, "diff": pytest.approx(-0.12), "sd": None, "verdict": "tie"}
     assert versus(best, {5: 0.9})["diff"] is None
+
+
+def test_status_says_how_long_the_study_has_left():
+    """time_left(): each trial left at its entry's mean wall time (else all finished trials'),
+    a running one by the epochs it has not done, shared by the workers running trials."""
+    from longtail.studies.report import _duration, time_left
+
+    def row(entry, state, wall=None, steps=(), worker=None):
+        return {"entry": entry, "state": state, "wall_s": wall,
+                "steps": dict.fromkeys(steps, 0.5), "worker": worker}  # fmt: skip
+
+    assert time_left([row("a", "waiting")], 10) is None  # nothing finished yet
+    rows = [row("a", "complete", 100), row("a", "complete", 300), row("b", "complete", 1000),
+            row("a", "waiting"), row("c", "waiting"),  # 200 s, then the mean of all: 1400/3 s
+            row("b", "running", steps=[1, 2, 3], worker="w1"),  # 70% of 1,000 s
+            row("a", "running", steps=[], worker="w2"),  # 200 s
+            row("a", "pruned"), row("a", "fail")]  # fmt: skip
+    assert time_left(rows, 10) == pytest.approx((200 + 1400 / 3 + 700 + 200) / 2)
+    assert time_left(rows, None) == pytest.approx((200 + 1400 / 3 + 1000 + 200) / 2)
+    assert time_left(rows[:5], 10) == pytest.approx(200 + 1400 / 3)  # none running: one
+    assert (_duration(3 * 3600 + 125), _duration(89)) == ("3 h 2 min", "1 min")

@@ -67,7 +67,8 @@ def progress(place: StudyPlace) -> dict[str, Any]:
         e.name: dict.fromkeys(STATES, 0) for e in place.spec.entries
     }
     running = []
-    for r in latest(trial_rows(place)):
+    rows = latest(trial_rows(place))
+    for r in rows:
         state = {"fail": "failed"}.get(r["state"], r["state"])
         counts.setdefault(r["entry"], dict.fromkeys(STATES, 0))
         counts[r["entry"]][state] = counts[r["entry"]].get(state, 0) + 1
@@ -76,7 +77,40 @@ def progress(place: StudyPlace) -> dict[str, Any]:
             running.append(f"{r['entry']}/{r['run']} on {r.get('worker', '?')}, epoch {epoch}")
     total = sum(sum(c.values()) for c in counts.values())
     finished = sum(c["complete"] + c["pruned"] + c["failed"] for c in counts.values())
-    return {"counts": counts, "running": running, "total": total, "finished": finished}
+    left = time_left(rows, place.spec.epochs)
+    return {"counts": counts, "running": running, "total": total, "finished": finished,
+            "left_s": left}  # fmt: skip
+
+
+def time_left(rows: list[dict[str, Any]], epochs: int | None) -> float | None:
+    """Seconds the study has left at the pace of the workers running trials now: a trial not
+    finished costs the mean wall time of its entry's finished trials (else of all finished
+    trials), a running one the share of it its epochs have not done (of ``epochs``, where the
+    study sets them); the sum is shared by those workers (at least one). None before any
+    trial has finished."""
+    walls: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["state"] == "complete" and r.get("wall_s"):
+            walls[r["entry"]].append(float(r["wall_s"]))
+    if not walls:
+        return None
+    overall = statistics.fmean(w for ws in walls.values() for w in ws)
+    left, workers = 0.0, set()
+    for r in rows:
+        if r["state"] not in ("waiting", "running"):
+            continue
+        cost = statistics.fmean(walls[r["entry"]]) if walls.get(r["entry"]) else overall
+        if r["state"] == "running":
+            workers.add(r.get("worker"))
+            if epochs:
+                cost *= max(0.0, 1 - max(r["steps"], default=0) / epochs)
+        left += cost
+    return left / max(1, len(workers))
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def status_lines(place: StudyPlace, width: int = 30) -> list[str]:
@@ -87,6 +121,11 @@ def status_lines(place: StudyPlace, width: int = 30) -> list[str]:
     lines = [
         f"{place.spec.name}: [{bar}] {p['finished']}/{p['total']} trials finished ({place.url})"
     ]
+    if p["left_s"] and p["finished"] < p["total"]:
+        lines.append(
+            f"  about {_duration(p['left_s'])} left at the pace of the workers running now "
+            "(each trial: its entry's finished ones' mean wall time)"
+        )
     for entry, c in p["counts"].items():
         said = ", ".join(f"{c[s]} {s}" for s in STATES if c[s])
         lines.append(f"  {entry}: {said}")
