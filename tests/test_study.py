@@ -22,7 +22,14 @@ import yaml
 
 from longtail.data.imbalance import hold_out
 from longtail.errors import UsageError
-from longtail.studies import StudyPlace, load_study, progress, summarise, trial_rows
+from longtail.studies import (
+    StudyPlace,
+    load_study,
+    progress,
+    status_lines,
+    summarise,
+    trial_rows,
+)
 
 optuna = pytest.importorskip("optuna")
 
@@ -352,8 +359,13 @@ def test_study_run_enqueues_what_the_file_adds_and_what_failed(tmp_path, pattern
     studies = open_studies(place)
     assert len(trial_rows(place)) == 2
     s, trial = _claim(studies)
+    trial.set_user_attr("error", "DataError: no such folder")
     s.tell(trial, state=optuna.trial.TrialState.FAIL)
+    said = status_lines(place)
+    assert f"  failed: {trial.user_attrs['entry']}/seed-0: DataError: no such folder" in said
+    assert "enqueues failed trials again" in said[-1]
     open_studies(place)
+    assert not any("failed:" in line for line in status_lines(place))  # enqueued again
     rows = trial_rows(place)
     assert sorted(r["state"] for r in rows) == ["fail", "waiting", "waiting"]
     assert progress(place)["counts"]["ce"]["waiting"] == 1  # its latest attempt

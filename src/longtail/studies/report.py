@@ -66,7 +66,8 @@ def progress(place: StudyPlace) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {
         e.name: dict.fromkeys(STATES, 0) for e in place.spec.entries
     }
-    running = []
+    running: list[str] = []
+    failed: list[str] = []
     rows = latest(trial_rows(place))
     for r in rows:
         state = {"fail": "failed"}.get(r["state"], r["state"])
@@ -75,11 +76,14 @@ def progress(place: StudyPlace) -> dict[str, Any]:
         if state == "running":
             epoch = max(r["steps"]) if r["steps"] else 0
             running.append(f"{r['entry']}/{r['run']} on {r.get('worker', '?')}, epoch {epoch}")
+        elif state == "failed":  # its last attempt, with the last line of its log
+            why = r.get("error", "its worker died (no heartbeat) and its retries ran out")
+            failed.append(f"{r['entry']}/{r['run']}: {why}")
     total = sum(sum(c.values()) for c in counts.values())
     finished = sum(c["complete"] + c["pruned"] + c["failed"] for c in counts.values())
     left = time_left(rows, place.spec.epochs)
-    return {"counts": counts, "running": running, "total": total, "finished": finished,
-            "left_s": left}  # fmt: skip
+    return {"counts": counts, "running": running, "failed": failed, "total": total,
+            "finished": finished, "left_s": left}  # fmt: skip
 
 
 def time_left(rows: list[dict[str, Any]], epochs: int | None) -> float | None:
@@ -130,6 +134,9 @@ def status_lines(place: StudyPlace, width: int = 30) -> list[str]:
         said = ", ".join(f"{c[s]} {s}" for s in STATES if c[s])
         lines.append(f"  {entry}: {said}")
     lines += [f"  running: {r}" for r in p["running"]]
+    lines += [f"  failed: {r}" for r in p["failed"]]
+    if p["failed"]:
+        lines.append("  (`longtail study run` enqueues failed trials again)")
     return lines
 
 
