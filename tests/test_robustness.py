@@ -609,6 +609,38 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
     assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
 
 
+_SWALLOWING_IMPORT = textwrap.dedent("""
+    import sys, time
+    class Swallow:  # a library whose import catches the KeyboardInterrupt and goes on
+        def find_spec(self, name, path=None, target=None):
+            if name == "numpy":
+                sys.stderr.write("importing numpy\\n"); sys.stderr.flush()
+                try:
+                    time.sleep(30)
+                except KeyboardInterrupt:
+                    pass
+            return None
+    sys.meta_path.insert(0, Swallow())
+    sys.argv = ["longtail", "methods"]
+    from longtail.entry import main
+    main()
+""")
+
+
+def test_ctrl_c_during_an_import_that_swallows_it_still_ends_the_command():
+    """The CI failure this guards: a Ctrl-C inside numpy's import was swallowed, the command
+    went on with a half-imported numpy and died in matplotlib with a traceback."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SWALLOWING_IMPORT],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stderr.readline() == "importing numpy\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "interrupted\n" and out == "", (proc.returncode, err)
+
+
 # --- SIGTERM: what a cluster's scheduler sends before it kills a job ---------------------------
 
 
