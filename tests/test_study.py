@@ -351,7 +351,8 @@ def test_the_readme_study_and_the_benchmark_studies_are_valid(tmp_path):
 
 def test_study_run_enqueues_what_the_file_adds_and_what_failed(tmp_path, pattern_folder):
     """Without training: a failed trial and a seed added to the file are enqueued again by
-    the next `study run`; finished and waiting ones are not doubled."""
+    the next `study run`; finished and waiting ones are not doubled; the failed one is
+    claimed first."""
     from longtail.studies.store import _claim, open_studies
 
     study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0])
@@ -374,6 +375,11 @@ def test_study_run_enqueues_what_the_file_adds_and_what_failed(tmp_path, pattern
     open_studies(_place(study, tmp_path / "out"))
     assert sorted((r["entry"], r["run"]) for r in trial_rows(place) if r["state"] == "waiting") == [
         ("ce", "seed-0"), ("ce", "seed-1"), ("la", "seed-0"), ("la", "seed-1")]  # fmt: skip
+    # The trial tried before is claimed first (Optuna's queue would give la/seed-0 first,
+    # and ce/seed-0's kept epochs would wait behind every fresh trial); then the queue's order.
+    claims = [_claim(studies)[1].user_attrs for _ in range(3)]
+    assert [(a["entry"], a["run"]) for a in claims] == [
+        ("ce", "seed-0"), ("la", "seed-0"), ("ce", "seed-1")]  # fmt: skip
 
 
 def test_an_entry_with_its_own_seeds_and_the_order_seed_by_seed(tmp_path, pattern_folder):

@@ -4,7 +4,7 @@ The study lives in Optuna's storage: an SQLite file in the study folder by defau
 database URL (PostgreSQL) that several machines share. It holds one Optuna study for the
 fixed trials (every entry at every seed) and one per searched entry (so that its sampler and
 pruner see only that entry's trials). Every trial is enqueued when the study is created; a
-worker claims the next waiting one through the storage (``Study.ask``), trains it as a
+worker claims the next waiting one through the storage (one tried before first), trains it as a
 ``longtail train`` process in its run directory, reports the validation top-1 of each epoch
 (a search trial whose value falls under the pruner's bar is stopped), and stores the results
 in the trial. A worker records a heartbeat while it trains; a trial whose worker died is
@@ -223,21 +223,38 @@ def heartbeat(storage: Any, trial: Any, every_s: float) -> Iterator[None]:
 
 
 def _claim(studies: list[Any]) -> tuple[Any, Any] | None:
-    """The next waiting trial of the first study that has one, claimed; None if none waits."""
+    """The next waiting trial of the first study that has one, claimed; None if none waits.
+
+    A trial tried before (its worker died, or the study was stopped) comes first: its run
+    directory holds the epochs it trained, so it finishes soonest and is not left waiting
+    behind every fresh trial (Optuna's queue would take it last, as it enqueues the retry).
+    """
     opt = _optuna()
     for study in studies:
         with warnings.catch_warnings():  # Optuna calls these experimental, and heartbeats
             warnings.simplefilter("ignore")  # meant for Study.optimize; both are what we need
             opt.storages.fail_stale_trials(study)  # a dead worker's trial: failed, enqueued again
-            if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trials = study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            if not waiting:
                 continue
-            trial = study.ask()
-        if "entry" in trial.user_attrs:
-            return study, trial
-        # Another worker took the last waiting trial first: ask() made a new one; close it.
-        trial.set_user_attr("spare", True)
-        study.tell(trial, state=TrialState.FAIL)
+            tried = {_key(t) for t in trials if t.state == TrialState.FAIL}
+            for t in sorted(waiting, key=lambda t: (_key(t) not in tried, t.number)):
+                try:  # the storage's compare-and-set: False if another worker took it first
+                    if not study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                        continue
+                except opt.exceptions.UpdateFinishedTrialError:
+                    continue
+                # A fresh Study object: its samplers' cache of the trials starts empty, as
+                # Study.ask would clear it.
+                fresh = opt.load_study(study_name=study.study_name, storage=study._storage,
+                                       sampler=study.sampler, pruner=study.pruner)  # fmt: skip
+                return fresh, opt.Trial(fresh, t._trial_id)
     return None
+
+
+def _key(trial: Any) -> tuple[Any, Any]:
+    return trial.user_attrs.get("entry"), trial.user_attrs.get("run")
 
 
 def _running(studies: list[Any]) -> bool:
