@@ -461,16 +461,23 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     worse = versus(best, {0: 0.790, 1: 0.809, 2: 0.798})  # 0.010, 0.011, 0.012 lower
     assert worse["verdict"] == "worse" and worse["seeds"] == 3
     assert worse["diff"] == pytest.approx(-0.011) and worse["sd"] == pytest.approx(0.001)
-    assert versus(best, {0: 0.81, 1: 0.81, 2: 0.815})["verdict"] == "tie"  # +0.01, -0.01, +0.005
+    assert (
+        versus(best, {0: 0.81, 1: 0.81, 2: 0.815})["verdict"] == "not told apart"
+    )  # +0.01, -0.01, +0.005
     assert versus(best, {k: v - 0.02 for k, v in best.items()})["verdict"] == "worse"  # sd 0
     assert versus(best, {k: v + 0.02 for k, v in best.items()})["verdict"] == "better"
     # differences -0.01 -+ a over 3 seeds: t = 0.01 * sqrt(3) / a, against 4.303
-    for t, verdict in ((4.0, "tie"), (4.6, "worse")):
+    for t, verdict in ((4.0, "not told apart"), (4.6, "worse")):
         a = 0.01 * 3**0.5 / t
         d = {0: -0.01 - a, 1: -0.01, 2: -0.01 + a}
         assert versus(best, {k: best[k] + d[k] for k in best})["verdict"] == verdict, t
     one = versus(best, {1: 0.70, 7: 0.9})
-    assert one == {"seeds": 1, "diff": pytest.approx(-0.12), "sd": None, "verdict": "tie"}
+    assert one == {
+        "seeds": 1,
+        "diff": pytest.approx(-0.12),
+        "sd": None,
+        "verdict": "not told apart",
+    }
     assert versus(best, {5: 0.9})["diff"] is None
 
 

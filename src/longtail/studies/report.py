@@ -35,9 +35,14 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
     """``other`` against ``best`` (validation top-1 by seed): the mean and sd of their
     differences on the seeds both ran, and a paired t-test's verdict at 95%: "worse",
-    "better" or "tie" (not told apart; always so with fewer than two shared seeds)."""
+    "better" or "not told apart" (always so with fewer than two shared seeds)."""
     diffs = [other[s] - best[s] for s in sorted(set(best) & set(other))]
-    out: dict[str, Any] = {"seeds": len(diffs), "diff": None, "sd": None, "verdict": "tie"}
+    out: dict[str, Any] = {
+        "seeds": len(diffs),
+        "diff": None,
+        "sd": None,
+        "verdict": "not told apart",
+    }
     if not diffs:
         return out
     out["diff"], out["sd"] = _mean_sd(diffs)
@@ -276,8 +281,8 @@ def _versus_cell(v: dict[str, Any] | None) -> str:
     if v["diff"] is None:
         return "no shared seed"
     sd = f" ± {v['sd']:.4f}" if v["sd"] is not None else ""
-    said = {"tie": f"not told apart ({v['seeds']} seeds)"}.get(v["verdict"], v["verdict"])
-    return f"{v['diff']:+.4f}{sd}: {said}"
+    seeds = f" ({v['seeds']} seeds)" if v["verdict"] == "not told apart" else ""
+    return f"{v['diff']:+.4f}{sd}: {v['verdict']}{seeds}"
 
 
 def paper_of(method: str) -> str:
