@@ -502,11 +502,12 @@ def trial_results(run_dir: Path) -> dict[str, Any]:
 
 
 def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
-    """Every trial of the study (spares left out): its state and stored attributes."""
+    """Every trial of the study: its state and stored attributes (a trial without an entry is
+    a spare that Study.ask made when workers of an older version raced for the last one)."""
     rows = []
     for study in open_studies(place, create=False):
         for t in study.get_trials(deepcopy=False):
-            if "entry" not in t.user_attrs or t.user_attrs.get("spare"):
+            if "entry" not in t.user_attrs:
                 continue
             rows.append(
                 {
