@@ -451,7 +451,7 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     quantiles are checked against Student's t integrated in float64."""
     import torch
 
-    from longtail.studies.report import T95, versus
+    from longtail.studies.report import T95, _verdicts, _versus_cell, versus
 
     for df, q in enumerate(T95, start=1):
         x = torch.linspace(-q, q, 200_001, dtype=torch.float64)
@@ -476,9 +476,32 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
         "seeds": 1,
         "diff": pytest.approx(-0.12),
         "sd": None,
-        "verdict": "not told apart",
+        "verdict": "untested",
     }
-    assert versus(best, {5: 0.9})["diff"] is None
+    assert (
+        versus(best, {5: 0.9})["diff"] is None and versus(best, {5: 0.9})["verdict"] == "untested"
+    )
+    # In words, under the report's table: each verdict names its entries.
+    table = [{"entry": "a", "versus_best": None}] + [
+        {"entry": name, "versus_best": versus(best, other)}
+        for name, other in (
+            ("b", {0: 0.790, 1: 0.809, 2: 0.798}),
+            ("c", {0: 0.81, 1: 0.81, 2: 0.815}),
+            ("d", {1: 0.70}),
+            ("e", {k: v + 0.02 for k, v in best.items()}),
+            ("f", {k: v - 0.02 for k, v in best.items()}),
+        )
+    ]
+    words = _verdicts(table)
+    assert words == (
+        "Best on validation: a. By a paired t-test of validation top-1 over the seeds both ran "
+        "(95%), worse than it: b, f; better than it: e; not told apart from it: c. Two seeds "
+        "tell only large differences apart; more seeds narrow it. Untested, sharing fewer than "
+        "two seeds with it: d."
+    )
+    assert [_versus_cell(r["versus_best"]).split(": ")[1] for r in table[1:3]] == [
+        "worse", "not told apart (3 seeds)"]  # fmt: skip
+    assert _versus_cell(table[3]["versus_best"]) == "-0.1200: untested (one seed)"
 
 
 def test_status_says_how_long_the_study_has_left():

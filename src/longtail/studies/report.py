@@ -35,14 +35,9 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
     """``other`` against ``best`` (validation top-1 by seed): the mean and sd of their
     differences on the seeds both ran, and a paired t-test's verdict at 95%: "worse",
-    "better" or "not told apart" (always so with fewer than two shared seeds)."""
+    "better", "not told apart", or "untested" (fewer than two shared seeds)."""
     diffs = [other[s] - best[s] for s in sorted(set(best) & set(other))]
-    out: dict[str, Any] = {
-        "seeds": len(diffs),
-        "diff": None,
-        "sd": None,
-        "verdict": "not told apart",
-    }
+    out: dict[str, Any] = {"seeds": len(diffs), "diff": None, "sd": None, "verdict": "untested"}
     if not diffs:
         return out
     out["diff"], out["sd"] = _mean_sd(diffs)
@@ -51,8 +46,7 @@ def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
     n, mean, sd = len(diffs), out["diff"], out["sd"]
     critical = T95[n - 2] if n - 1 <= len(T95) else 1.96
     told = abs(mean) / (sd / math.sqrt(n)) > critical if sd > 0 else mean != 0
-    if told:
-        out["verdict"] = "better" if mean > 0 else "worse"
+    out["verdict"] = ("better" if mean > 0 else "worse") if told else "not told apart"
     return out
 
 
@@ -242,20 +236,7 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
             + f" | {r['wall_s']:.0f} |"
         )
     if len(summary["table"]) > 1:
-        top = summary["table"][0]
-        ties = [r["entry"] for r in summary["table"][1:] if r["versus_best"]["verdict"] != "worse"]
-        lines += [
-            "",
-            f"Best on validation: {top['entry']}. "
-            + (
-                "Not told apart from it by a paired t-test of validation top-1 over the seeds "
-                f"both ran (95%): {', '.join(ties)}. Two seeds tell only large differences "
-                "apart, one seed none; more seeds narrow it."
-                if ties
-                else "Every other entry is worse on the seeds it shares with it (a paired "
-                "t-test of validation top-1, 95%)."
-            ),
-        ]
+        lines += ["", _verdicts(summary["table"])]
     if summary.get("machines"):
         lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
     if summary["best"]:
@@ -281,8 +262,31 @@ def _versus_cell(v: dict[str, Any] | None) -> str:
     if v["diff"] is None:
         return "no shared seed"
     sd = f" ± {v['sd']:.4f}" if v["sd"] is not None else ""
-    seeds = f" ({v['seeds']} seeds)" if v["verdict"] == "not told apart" else ""
+    seeds = {"not told apart": f" ({v['seeds']} seeds)", "untested": " (one seed)"}.get(
+        v["verdict"], ""
+    )
     return f"{v['diff']:+.4f}{sd}: {v['verdict']}{seeds}"
+
+
+def _verdicts(table: list[dict[str, Any]]) -> str:
+    """The paired tests against the best entry, in words."""
+    by: dict[str, list[str]] = defaultdict(list)
+    for r in table[1:]:
+        by[r["versus_best"]["verdict"]].append(r["entry"])
+    said = [f"Best on validation: {table[0]['entry']}."]
+    # "better": entries are ranked by their means over all their seeds, so on the seeds
+    # shared with the best the order may turn
+    tested = [f"{words}: {', '.join(by[verdict])}" for verdict, words in (
+        ("worse", "worse than it"), ("better", "better than it"),
+        ("not told apart", "not told apart from it")) if by[verdict]]  # fmt: skip
+    if tested:
+        said.append("By a paired t-test of validation top-1 over the seeds both ran (95%), "
+                    + "; ".join(tested) + ".")  # fmt: skip
+    if by["not told apart"]:
+        said.append("Two seeds tell only large differences apart; more seeds narrow it.")
+    if by["untested"]:
+        said.append(f"Untested, sharing fewer than two seeds with it: {', '.join(by['untested'])}.")
+    return " ".join(said)
 
 
 def paper_of(method: str) -> str:
