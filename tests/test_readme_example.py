@@ -1,7 +1,9 @@
-"""The README's MoCo-style method, built from the shared parts, runs as written."""
+"""The README's MoCo-style method, built from the shared parts, runs as written; its result
+tables are those of the files they name."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -52,3 +54,20 @@ def test_the_readme_moco_style_method_trains_from_the_shared_parts(tiny_fmnist, 
     finally:
         METHODS._entries.pop("queue-contrast", None)
         METHODS._meta.pop("queue-contrast", None)
+
+
+def test_each_result_table_in_the_readme_is_its_files():
+    """A block ``<!-- name: PATH -->`` ... ``<!-- /name -->`` holds lines of PATH (a result
+    written by a benchmark or a study report), in its order: a number edited by hand, or a
+    file regenerated without the README, fails here."""
+    text = README.read_text()
+    blocks = re.findall(r"<!-- ([\w-]+): (\S+) -->\n(.*?)<!-- /\1 -->", text, re.S)
+    assert {name for name, _, _ in blocks} >= {"full-table", "quick-study", "throughput"}
+    for name, path, block in blocks:
+        source = (README.parent / path).read_text().splitlines()
+        lines = [line for line in block.splitlines() if line.strip()]
+        assert lines and lines[0].startswith("|"), name
+        at = [source.index(line) if line in source else -1 for line in lines]
+        missing = [line for line, i in zip(lines, at, strict=True) if i < 0]
+        assert not missing, f"{name}: not in {path}: {missing[0][:120]}"
+        assert at == sorted(at), f"{name}: lines out of {path}'s order"
