@@ -193,6 +193,16 @@ def _study(t: Path, validation: bool = True) -> None:
     )
 
 
+def _study_started(t: Path) -> None:
+    """_study's file, its storage created (every trial waiting) in {tmp}/s."""
+    from longtail.studies.spec import load_study
+    from longtail.studies.store import StudyPlace, open_studies
+
+    _study(t)
+    spec, base = load_study(t / "study.yaml")
+    open_studies(StudyPlace.of(spec, base, t / "s", None))
+
+
 CASES = [
     # -- config values and names --------------------------------------------------------
     Case("config-type", "a value of the wrong type", ["train", "--set", "train.epochs=abc"], 2,
@@ -565,6 +575,12 @@ CASES = [
     Case("study-not-started", "the status of a study nobody started",
          ["study", "status", "{tmp}/study.yaml", "--dir", "{tmp}/s"], 2,
          ["holds no study 's'", "longtail study run"], setup=_study, kind="study"),
+    Case("study-storage-readonly", "a study storage that refuses writes (an SQLite file "
+         "replaced under the workers, as `git stash` does, or opened read-only)",
+         ["study", "worker", "{tmp}/study.yaml", "--dir", "{tmp}/s", "--storage",
+          "sqlite:///file:{tmp}/s/study.db?mode=ro&uri=true"], 1,
+         ["failed: attempt to write a readonly database", "finished trials are kept",
+          "run the command again"], setup=_study_started, kind="study"),
     Case("val-split-twice", "two validation splits asked for",
          ["train", *FM, "--set", "data.val_per_class=2", "--set", "data.val_split=test",
           *TINY], 2, ["data.val_split and data.val_per_class", "keep one"], setup=_fm),

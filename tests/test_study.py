@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from longtail.data.imbalance import hold_out
-from longtail.errors import UsageError
+from longtail.errors import LongtailError, UsageError
 from longtail.studies import (
     StudyPlace,
     load_study,
@@ -523,3 +523,25 @@ def test_status_says_how_long_the_study_has_left():
     assert time_left(rows, None) == pytest.approx((200 + 1400 / 3 + 1000 + 200) / 2)
     assert time_left(rows[:5], 10) == pytest.approx(200 + 1400 / 3)  # none running: one
     assert (_duration(3 * 3600 + 125), _duration(89)) == ("3 h 2 min", "1 min")
+
+
+def test_a_storage_file_replaced_under_a_worker_is_one_line_not_a_traceback(
+    tmp_path, pattern_folder
+):
+    """What `git stash` of a committed study.db does to running workers (seen on the full
+    table's study): SQLite refuses their next write; the worker says so in one line."""
+    import shutil
+
+    from longtail.studies.store import _claim, open_studies
+
+    place = _place(_study(tmp_path, pattern_folder, search_trials=0, seeds=[0]), tmp_path / "s")
+    studies = open_studies(place)
+    db = place.folder / "study.db"
+    shutil.copy(db, tmp_path / "copy.db")
+    os.replace(tmp_path / "copy.db", db)  # a new file at the path, as git writes one
+    with pytest.raises(LongtailError) as error, place.failures():
+        _claim(studies)
+    said = str(error.value)
+    assert "attempt to write a readonly database" in said and "git stash" in said, said
+    assert "\n" not in said and "run the command again" in said
+    assert [r["state"] for r in trial_rows(place)] == ["waiting", "waiting"]  # nothing lost

@@ -409,11 +409,12 @@ def study_run(
 ) -> None:
     """Create the study (every trial enqueued) and work through it; run it again to resume."""
     place = _place(study, folder, storage)
-    open_studies(place)  # created and enqueued once, before the workers start
-    print(f"study {place.spec.name}: {place.folder} ({place.url})")
-    run_workers(place, study, workers, nproc)
-    for line in status_lines(place):
-        print(line)
+    with place.failures():
+        open_studies(place)  # created and enqueued once, before the workers start
+        print(f"study {place.spec.name}: {place.folder} ({place.url})")
+        run_workers(place, study, workers, nproc)
+        for line in status_lines(place):
+            print(line)
     print(f"report: longtail study report {study}" + (f" --dir {folder}" if folder else ""))
 
 
@@ -426,7 +427,8 @@ def study_worker(
 ) -> None:
     """Claim and train the study's trials until none is left (one per GPU or machine)."""
     place = _place(study, folder, storage)
-    trained = work(place, nproc, create=False)
+    with place.failures():
+        trained = work(place, nproc, create=False)
     print(f"worker done: {trained} trial(s) trained here")
 
 
@@ -442,9 +444,10 @@ def study_status(
     """Trials done, running, waiting, pruned and failed, with a progress bar."""
     place = _place(study, folder, storage)
     while True:
-        for line in status_lines(place):
+        with place.failures():
+            lines, p = status_lines(place), progress(place)
+        for line in lines:
             print(line)
-        p = progress(place)
         if not watch or p["finished"] >= p["total"]:
             return
         time.sleep(watch)
@@ -453,7 +456,9 @@ def study_status(
 @study_app.command("report")
 def study_report(study: StudyFile, folder: StudyDir = None, storage: Storage = None) -> None:
     """Write report.html and report.md in the study folder from the finished trials."""
-    html_path, md_path = write_report(_place(study, folder, storage))
+    place = _place(study, folder, storage)
+    with place.failures():
+        html_path, md_path = write_report(place)
     print(f"report: {html_path}\nmarkdown: {md_path}")
 
 

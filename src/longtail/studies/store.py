@@ -94,6 +94,34 @@ class StudyPlace:
             reason = " ".join(str(e).split())[:200]
             raise UsageError(f"cannot open the study storage {self.url}: {reason}") from None
 
+    @contextmanager
+    def failures(self) -> Iterator[None]:
+        """The storage failing while the block works with it, said in one line.
+
+        Raises:
+            LongtailError: For a database error (the server or the file gone, a disk full).
+        """
+        from sqlalchemy.exc import SQLAlchemyError
+
+        opt = _optuna()
+        try:
+            yield
+        except (opt.exceptions.StorageInternalError, SQLAlchemyError) as e:
+            root: BaseException = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            reason = " ".join(str(getattr(root, "orig", None) or root).split())[:200]
+            hint = ""
+            if self.url.startswith("sqlite") and "readonly" in reason:
+                hint = (" (the SQLite file was replaced or moved under running workers, e.g. by"
+                        " `git stash` or `git checkout` of a committed study.db, or is not"
+                        " writable)")  # fmt: skip
+            raise LongtailError(
+                f"the study storage {self.url} failed: {reason}{hint}. Its finished trials are "
+                "kept; a trial that was running is retried from its run directory: run the "
+                "command again"
+            ) from None
+
     def names(self) -> list[str]:
         """The Optuna studies: the fixed trials first, then one per searched entry."""
         return [f"{self.spec.name}:{FIXED}"] + [
