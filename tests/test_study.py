@@ -161,6 +161,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert all(r["provenance"]["torch"] for r in rows if r["state"] == "complete")
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
+    assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right
+    assert f"<td class=n>{la[6]}</td>" in page
     summary = summarise(_place(study, folder))
     vals = [r["val_top1"] for r in summary["table"]]
     assert vals == sorted(vals, reverse=True)

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -307,7 +308,7 @@ def _per_class_png(table: list[dict[str, Any]], best: int = 4) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for r in table[:best]:
         order = sorted(range(len(r["train_counts"])), key=lambda i: -r["train_counts"][i])
         ax.plot(
@@ -318,6 +319,12 @@ def _per_class_png(table: list[dict[str, Any]], best: int = 4) -> str:
             label=r["entry"],
         )
     ax.set_xlabel("class, most training images first")
+    r = table[0]
+    if r.get("classes") and len(r["classes"]) <= 30:  # names fit: with their training images
+        order = sorted(range(len(r["train_counts"])), key=lambda i: -r["train_counts"][i])
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([f"{r['classes'][i]} ({r['train_counts'][i]})" for i in order],
+                           rotation=35, ha="right", fontsize=8)  # fmt: skip
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -347,6 +354,12 @@ def write_report(place: StudyPlace) -> tuple[Path, Path]:
     return html_path, md_path
 
 
+def _td(cell: str) -> str:
+    """A table cell; numbers (and a number's dash) right-aligned."""
+    number = cell == "-" or re.match(r"[-+]?\d", cell) is not None
+    return f"<td{' class=n' if number else ''}>{html.escape(cell)}</td>"
+
+
 def _html(place: StudyPlace, md: str, plot: str | None) -> str:
     """The markdown's tables as HTML, with the per-class plot."""
     body, table = [], []
@@ -360,10 +373,7 @@ def _html(place: StudyPlace, md: str, plot: str | None) -> str:
                 "<table><tr>"
                 + "".join(f"<th>{html.escape(c)}</th>" for c in head)
                 + "</tr>"
-                + "".join(
-                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                    for r in rows
-                )
+                + "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
                 + "</table>"
             )
             table = []
@@ -374,8 +384,8 @@ def _html(place: StudyPlace, md: str, plot: str | None) -> str:
         body.append(f'<img alt="per-class accuracy" src="data:image/png;base64,{plot}">')
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:"
-        "collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}"
+        "collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+        "td.n{text-align:right}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>study "
