@@ -417,7 +417,8 @@ def test_a_trial_can_be_a_torchrun_job(tmp_path, pattern_folder):
 
 def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monkeypatch):
     """`study run --workers N` on a machine with GPUs: each worker process sees its own GPUs
-    (slices of --nproc-per-trial, in turn where there are fewer than the workers need)."""
+    (slices of --nproc-per-trial, in turn where there are fewer than the workers need), and
+    each trial process its share of the CPU cores."""
     from longtail.studies import store
 
     assert store.gpu_shares([], 3) == [None, None, None]  # the CPU
@@ -428,11 +429,12 @@ def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monke
     assert store.gpu_shares(["0"], 2, 2) == [None, None]  # a trial needs more than there are
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-5f2a,-1,7")
     assert store.visible_gpus() == ["3", "GPU-5f2a"]  # CUDA stops at an invalid entry
-    seen = []
+    seen, threads = [], []
 
     class Popen:  # the worker processes, recorded instead of started
         def __init__(self, cmd, env):
             seen.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+            threads.append(env["OMP_NUM_THREADS"])
 
         def wait(self):
             return 0
@@ -446,6 +448,17 @@ def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monke
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     store.run_workers(spec, tmp_path / "s.yaml", 2)
     assert [gpus for _, gpus in seen] == ["", ""]  # none visible: left as it is
+    # and the cores: 8 of them, 3 workers x 1 process, then 2 x 2; a value set is kept
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(store.os, "sched_getaffinity", lambda pid: set(range(8)))
+    threads.clear()
+    store.run_workers(spec, tmp_path / "s.yaml", 3)
+    store.run_workers(spec, tmp_path / "s.yaml", 2, 2)
+    assert threads == ["2", "2", "2", "2", "2"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    threads.clear()
+    store.run_workers(spec, tmp_path / "s.yaml", 2)
+    assert threads == ["3", "3"]
 
 
 def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():

@@ -349,7 +349,7 @@ def gpu_shares(gpus: list[str], workers: int, nproc: int = 1) -> list[list[str] 
 def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 1) -> None:
     """Work through the study: in this process for one worker, else in ``workers`` processes
     of ``longtail study worker`` on ``study_file`` (this study's file) sharing its storage,
-    each given its share of this machine's GPUs (``gpu_shares``).
+    each given its share of this machine's GPUs (``gpu_shares``) and CPU cores.
 
     Raises:
         LongtailError: When a worker process fails.
@@ -360,8 +360,11 @@ def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 
     cmd = [sys.executable, "-m", "longtail", "study", "worker", str(study_file), "--dir",
            str(place.folder), "--storage", place.url, "--nproc-per-trial", str(nproc)]  # fmt: skip
     procs = []
+    # The CPU's cores shared too (torch would give every process all of them): each trial
+    # process its share, unless OMP_NUM_THREADS is set already; a trial's train.threads wins.
+    threads = str(max(1, len(os.sched_getaffinity(0)) // (workers * nproc)))
     for k, share in enumerate(gpu_shares(visible_gpus(), workers, nproc)):
-        env = dict(os.environ)
+        env = {"OMP_NUM_THREADS": threads, **os.environ}
         if share is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(share)
             print(f"worker {k}: GPU {env['CUDA_VISIBLE_DEVICES']}", flush=True)
