@@ -560,3 +560,73 @@ def test_a_storage_file_replaced_under_a_worker_is_one_line_not_a_traceback(
     assert "attempt to write a readonly database" in said and "git stash" in said, said
     assert "\n" not in said and "run the command again" in said
     assert [r["state"] for r in trial_rows(place)] == ["waiting", "waiting"]  # nothing lost
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from longtail.studies import StudyPlace, load_study
+from longtail.studies.store import _claim, open_studies
+
+start, folders = float(sys.argv[1]), sys.argv[2:]
+for k, folder in enumerate(folders):
+    spec, base = load_study(Path(folder) / "study.yaml")
+    place = StudyPlace.of(spec, base, Path(folder), None)
+    studies = open_studies(place, create=False)
+    time.sleep(max(0.0, start + 0.4 * k - time.time()))
+    claimed = _claim(studies, place.serial)
+    print(folder, claimed[1]._trial_id if claimed else None, flush=True)
+"""
+
+
+def test_two_workers_racing_on_a_dead_workers_trial_retry_it_once(tmp_path, pattern_folder):
+    """Two workers that look at once at a trial whose worker died (as both do when a stopped
+    study is run again): SQLite ignores Optuna's row locks, so both could fail it and each
+    enqueue a retry, or both claim the one retry (seen on the full table's study). With the
+    lock beside the database: one retry, claimed by one of them, in every round."""
+    from longtail.studies.store import _claim, open_studies
+
+    rounds = 12
+    folders = []
+    for k in range(rounds):
+        folder = tmp_path / f"s{k}"
+        folder.mkdir()
+        study = _study(folder, pattern_folder, search_trials=0, seeds=[0], grace_s=1)
+        raw = yaml.safe_load(study.read_text())
+        study.write_text(yaml.safe_dump({**raw, "entries": raw["entries"][:1]}))
+        place = _place(study, folder)
+        studies = open_studies(place)
+        _, trial = _claim(studies)  # its worker beats once, then dies
+        studies[0]._storage.record_heartbeat(trial._trial_id)
+        folders.append(str(folder))
+    time.sleep(2)  # past the grace period: every first trial is stale
+    start = time.time() + 6  # both have imported by then, and look at each folder at once
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(start), *folders],
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    said = [p.communicate(timeout=300)[0].split("\n") for p in racers]
+    assert all(p.returncode == 0 for p in racers)
+    for k, folder in enumerate(folders):
+        place = _place(Path(folder) / "study.yaml", Path(folder))
+        trials = open_studies(place, create=False)[0].get_trials(deepcopy=False)
+        states = [(t.state.name, t.system_attrs.get("failed_trial")) for t in trials]
+        claims = [lines[k].split()[1] for lines in said]
+        assert states == [("FAIL", None), ("RUNNING", 0)], (k, states)  # no second retry
+        assert claims.count("None") == 1, (k, claims)  # the other found nothing to claim
+
+
+def test_a_repeated_waiting_trial_is_closed_not_trained_twice(tmp_path, pattern_folder):
+    """Two retries of one trial (left in a study by workers of an older version): the first
+    is claimed, the repeat failed as a duplicate and left out of the study's rows."""
+    from longtail.studies.store import _claim, open_studies
+
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0])
+    place = _place(study, tmp_path / "out")
+    studies = open_studies(place)
+    first = studies[0].get_trials(deepcopy=False)[0]
+    studies[0].enqueue_trial({}, user_attrs=first.user_attrs)
+    claims = [_claim(studies, place.serial) for _ in range(3)]
+    assert [c[1].user_attrs["entry"] for c in claims[:2]] == ["ce", "la"] and claims[2] is None
+    assert sorted((r["entry"], r["state"]) for r in trial_rows(place)) == [
+        ("ce", "running"), ("la", "running")]  # fmt: skip
+    repeat = studies[0].get_trials(deepcopy=False)[-1]
+    assert repeat.state.name == "FAIL" and repeat.user_attrs["duplicate_of"] == first.number

@@ -25,8 +25,8 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,11 @@ from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.provenance import hardware, source_commit
 from longtail.studies.spec import Entry, StudySpec, trial_config
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one worker per SQLite study there
+    fcntl = None
 
 try:
     import optuna
@@ -122,6 +127,28 @@ class StudyPlace:
                 "command again"
             ) from None
 
+    @contextmanager
+    def serial(self) -> Iterator[None]:
+        """One worker at a time through the block where the storage cannot do it itself.
+
+        Claiming a trial and failing a dead worker's trial are compare-and-sets on the
+        trial's state that Optuna makes with SELECT ... FOR UPDATE. SQLite ignores it (and
+        pysqlite reads outside the write transaction), so two workers could both fail one
+        stale trial, each enqueueing a retry, or both claim one waiting trial. On SQLite the
+        block holds an exclusive lock on a file beside the database; a server (PostgreSQL)
+        locks the rows.
+        """
+        database = self.url.split("///", 1)[1] if self.url.startswith("sqlite:///") else ""
+        if fcntl is None or not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def names(self) -> list[str]:
         """The Optuna studies: the fixed trials first, then one per searched entry."""
         return [f"{self.spec.name}:{FIXED}"] + [
@@ -188,7 +215,8 @@ def open_studies(place: StudyPlace, create: bool = True) -> list[Any]:
                     "`longtail study run STUDY.yaml`"
                 ) from None
         if create:
-            _enqueue(place.spec, study, entry)
+            with place.serial():  # two `study run`s at once enqueue each trial once
+                _enqueue(place.spec, study, entry)
         studies.append(study)
     return studies
 
@@ -250,20 +278,28 @@ def heartbeat(storage: Any, trial: Any, every_s: float) -> Iterator[None]:
         thread.join()
 
 
-def _claim(studies: list[Any]) -> tuple[Any, Any] | None:
+def _claim(
+    studies: list[Any], serial: Callable[[], AbstractContextManager] = contextlib.nullcontext
+) -> tuple[Any, Any] | None:
     """The next waiting trial of the first study that has one, claimed; None if none waits.
 
     A trial tried before (its worker died, or the study was stopped) comes first: its run
     directory holds the epochs it trained, so it finishes soonest and is not left waiting
     behind every fresh trial (Optuna's queue would take it last, as it enqueues the retry).
+    A waiting trial that repeats one running, finished or waiting before it (two retries of
+    one stale trial, made by an older version's workers) is closed, not trained twice.
+
+    Args:
+        studies: The study's Optuna studies, in the order their trials are claimed.
+        serial: The storage's lock (``StudyPlace.serial``), held while a trial is claimed.
     """
     opt = _optuna()
     for study in studies:
-        with warnings.catch_warnings():  # Optuna calls these experimental, and heartbeats
-            warnings.simplefilter("ignore")  # meant for Study.optimize; both are what we need
+        with serial(), warnings.catch_warnings():  # Optuna calls these experimental, and
+            warnings.simplefilter("ignore")  # heartbeats meant for Study.optimize: we need both
             opt.storages.fail_stale_trials(study)  # a dead worker's trial: failed, enqueued again
             trials = study.get_trials(deepcopy=False)
-            waiting = [t for t in trials if t.state == TrialState.WAITING]
+            waiting = _close_repeats(study, trials)
             if not waiting:
                 continue
             tried = {_key(t) for t in trials if t.state == TrialState.FAIL}
@@ -279,6 +315,28 @@ def _claim(studies: list[Any]) -> tuple[Any, Any] | None:
                                        sampler=study.sampler, pruner=study.pruner)  # fmt: skip
                 return fresh, opt.Trial(fresh, t._trial_id)
     return None
+
+
+def _close_repeats(study: Any, trials: list[Any]) -> list[Any]:
+    """The waiting trials, less those that repeat an attempt running, finished or waiting
+    before them: those are failed with ``duplicate_of`` (the attempt kept), which the
+    study's rows leave out."""
+    kept: dict[tuple[Any, Any], int] = {}
+    waiting = []
+    live = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state not in live or _key(t)[0] is None:
+            continue
+        if _key(t) not in kept:
+            kept[_key(t)] = t.number
+            if t.state == TrialState.WAITING:
+                waiting.append(t)
+            continue
+        if t.state == TrialState.WAITING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                study._storage.set_trial_user_attr(t._trial_id, "duplicate_of", kept[_key(t)])
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return waiting
 
 
 def _key(trial: Any) -> tuple[Any, Any]:
@@ -306,7 +364,7 @@ def work(
     storage = studies[0]._storage
     done = 0
     while True:
-        claimed = _claim(studies)
+        claimed = _claim(studies, place.serial)
         if claimed is None:
             if not _running(studies):
                 return done
@@ -533,12 +591,13 @@ def trial_results(run_dir: Path) -> dict[str, Any]:
 
 
 def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
-    """Every trial of the study: its state and stored attributes (a trial without an entry is
-    a spare that Study.ask made when workers of an older version raced for the last one)."""
+    """Every trial of the study: its state and stored attributes (less a spare without an
+    entry, which Study.ask made when workers of an older version raced for the last one, and
+    a repeat closed by ``_close_repeats``)."""
     rows = []
     for study in open_studies(place, create=False):
         for t in study.get_trials(deepcopy=False):
-            if "entry" not in t.user_attrs:
+            if "entry" not in t.user_attrs or "duplicate_of" in t.user_attrs:
                 continue
             rows.append(
                 {
