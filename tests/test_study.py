@@ -30,6 +30,7 @@ from longtail.studies import (
     summarise,
     trial_rows,
 )
+from longtail.studies.report import markdown
 
 optuna = pytest.importorskip("optuna")
 
@@ -158,6 +159,7 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert la[6] == ", ".join(f"{r['top1']:.4f}" for r in sorted(
         (r for r in fixed if r["entry"] == "la"), key=lambda r: r["seed"]))  # fmt: skip
     assert "optim.lr=" in md and "Trials ran on: " in md and "torch " in md
+    assert "Unfinished" not in md
     assert all(r["provenance"]["torch"] for r in rows if r["state"] == "complete")
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
@@ -252,12 +254,17 @@ def test_a_stopped_study_resumes_without_losing_a_finished_trial(tmp_path, patte
     run.wait()
     finished = {p.parent: p.stat().st_mtime_ns for p in folder.glob("runs/*/*/eval_test.json")}
     assert 1 <= len(finished) < 4
+    summary = summarise(_place(study, folder))  # a report of the stopped study says so
+    done = sum(r["seeds"] for r in summary["table"])
+    said = markdown(_place(study, folder), summary)
+    assert f"Unfinished when written: {done} of 4 trials finished (" in said, said
     resumed = _cli("study", "run", str(study), "--dir", str(folder))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     for run_dir, mtime in finished.items():  # not trained again
         assert (run_dir / "eval_test.json").stat().st_mtime_ns == mtime
     rows = [r for r in trial_rows(_place(study, folder)) if r["state"] == "complete"]
     assert len(rows) == 4
+    assert "Unfinished" not in markdown(_place(study, folder), summarise(_place(study, folder)))
 
 
 def _pg_ctl() -> str | None:

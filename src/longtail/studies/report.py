@@ -13,7 +13,7 @@ import io
 import math
 import re
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,8 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                 }
             )
     machines = sorted({_machine(r["provenance"]) for r in rows if r.get("provenance")})
-    return {"table": table, "best": best, "machines": machines}
+    states = Counter(r["state"] for r in every)
+    return {"table": table, "best": best, "machines": machines, "states": dict(states)}
 
 
 def _machine(p: dict[str, Any]) -> str:
@@ -222,6 +223,7 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         "Ranked by validation top-1 (held out of the training set; the study selects and "
         "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
         "",
+        *_unfinished(summary.get("states", {})),
         "| entry | paper | seeds | val top-1 | val vs best, paired | test top-1 | test top-1 per "
         "seed | many | medium | few | ECE | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -255,6 +257,21 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
                 f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _unfinished(states: dict[str, int]) -> list[str]:
+    """A line (and a blank one) saying that the study had trials left when the report was
+    written, so that a table of its finished trials is not read as the whole study."""
+    left = {s: states.get(s, 0) for s in ("running", "waiting", "fail")}
+    if not any(left.values()):
+        return []
+    done = states.get("complete", 0) + states.get("pruned", 0)
+    said = ", ".join(f"{n} {'failed' if s == 'fail' else s}" for s, n in left.items() if n)
+    return [
+        f"Unfinished when written: {done} of {done + sum(left.values())} trials finished "
+        f"({said}); the table holds the finished ones, each entry over the seeds it has.",
+        "",
+    ]
 
 
 def _versus_cell(v: dict[str, Any] | None) -> str:
