@@ -138,11 +138,21 @@ class StudyPlace:
         block holds an exclusive lock on a file beside the database; a server (PostgreSQL)
         locks the rows.
         """
-        database = self.url.split("///", 1)[1] if self.url.startswith("sqlite:///") else ""
-        if fcntl is None or not database or database == ":memory:":
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        database = url.database or ""
+        if url.query.get("uri") == "true":  # sqlite:///file:PATH?mode=ro&uri=true
+            database = database.removeprefix("file:")
+        if fcntl is None or url.get_backend_name() != "sqlite" or database in ("", ":memory:"):
             yield
             return
-        with open(f"{database}.lock", "a") as lock:
+        try:
+            lock = open(f"{database}.lock", "a")  # noqa: SIM115 - held across the yield
+        except OSError:  # a folder SQLite cannot write in either: the storage says so
+            yield
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
