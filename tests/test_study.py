@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -122,9 +123,10 @@ def test_a_study_file_is_checked_before_anything_runs(tmp_path, pattern_folder):
             load_study(bad)
 
 
-def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_folder):
+def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_folder, monkeypatch):
     """2 entries x 2 seeds + a 4-trial search, two worker processes on one SQLite file; the
-    report ranks on validation top-1 and gives the best settings found."""
+    report ranks on validation top-1, says what the split's size allows, and gives the best
+    settings found."""
     study = _study(tmp_path, pattern_folder)
     folder = tmp_path / "out"
     done = _cli("study", "run", str(study), "--dir", str(folder), "--workers", "2")
@@ -168,6 +170,17 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     summary = summarise(_place(study, folder))
     vals = [r["val_top1"] for r in summary["table"]]
     assert vals == sorted(vals, reverse=True)
+    n = json.loads((folder / "runs/ce/seed-0/data.json").read_text())["val"]
+    assert n == 7 and all(r["val_images"] == n for r in fixed)  # 2 a class; 1 of the 6-image one
+    se = math.sqrt(vals[0] * (1 - vals[0]) / n)
+    assert f"Validation: {n} images. " in md and f"standard error of about {se:.4f}" in md
+    # trials stored before the size was kept: read from their run directories
+    import longtail.studies.report as report
+
+    rows_then = report.trial_rows
+    monkeypatch.setattr(report, "trial_rows", lambda place: [
+        {k: v for k, v in r.items() if k != "val_images"} for r in rows_then(place)])  # fmt: skip
+    assert summarise(_place(study, folder))["val_images"] == n
 
 
 def _wait_for(predicate, timeout: float = 240.0) -> None:

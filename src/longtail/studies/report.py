@@ -20,7 +20,7 @@ from typing import Any
 from longtail.errors import UsageError
 from longtail.methods import METHODS
 from longtail.studies.spec import trial_config
-from longtail.studies.store import StudyPlace, trial_rows
+from longtail.studies.store import StudyPlace, trial_rows, val_images
 
 STATES = ("complete", "running", "waiting", "pruned", "failed")
 METRICS = ("val_top1", "top1", "many", "medium", "few", "ece")
@@ -196,9 +196,12 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                     "run": top["run"],
                 }
             )
+    # trials stored before val_images was kept: their run directory's data.json, if here
+    sizes = {r.get("val_images") or val_images(place.run_dir(r)) for r in rows}
     machines = sorted({_machine(r["provenance"]) for r in rows if r.get("provenance")})
     states = Counter(r["state"] for r in every)
-    return {"table": table, "best": best, "machines": machines, "states": dict(states)}
+    return {"table": table, "best": best, "machines": machines, "states": dict(states),
+            "val_images": sizes.pop() if len(sizes) == 1 else None}  # fmt: skip
 
 
 def _machine(p: dict[str, Any]) -> str:
@@ -223,6 +226,7 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         "Ranked by validation top-1 (held out of the training set; the study selects and "
         "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
         "",
+        *_noise(summary),
         *_unfinished(summary.get("states", {})),
         "| entry | paper | seeds | val top-1 | val vs best, paired | test top-1 | test top-1 per "
         "seed | many | medium | few | ECE | wall s |",
@@ -257,6 +261,24 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
                 f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _noise(summary: dict[str, Any]) -> list[str]:
+    """A line on what the validation split's size alone allows: the binomial standard error
+    of one run's validation top-1 at the best entry's. Every seed sees the same split, so
+    the paired test over seeds does not include this noise."""
+    n, table = summary.get("val_images"), summary["table"]
+    if not n or not table:
+        return []
+    p = float(table[0]["val_top1"])
+    se = math.sqrt(p * (1 - p) / n)
+    return [
+        f"Validation: {n:,} images. From its size alone one run's validation top-1 (near "
+        f"{p:.4f}) has a standard error of about {se:.4f}: entries closer than about "
+        f"{2 * se:.4f} may owe their order to which images the split holds (every seed "
+        "has the same split, so the paired test over seeds does not see this).",
+        "",
+    ]
 
 
 def _unfinished(states: dict[str, int]) -> list[str]:

@@ -590,6 +590,7 @@ def trial_results(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{shown(run_dir)} has no validation top-1 in metrics.jsonl")
     wall = sum(float(r.get("epoch_time_s") or 0) for r in _epochs_seen(run.metrics))
     return {
+        "val_images": val_images(run_dir),
         "val_top1": float(epochs[-1]["val/top1"]),
         **{k: test.get(k) for k in ("top1", "many", "medium", "few", "ece")},
         "per_class": test.get("per_class"),
@@ -598,6 +599,14 @@ def trial_results(run_dir: Path) -> dict[str, Any]:
         "wall_s": wall,
         "epochs": int(epochs[-1]["epoch"]),
     }
+
+
+def val_images(run_dir: Path) -> int | None:
+    """The size of the run's validation split, as its ``data.json`` says; None without it."""
+    try:
+        return int(json.loads(RunDir(run_dir).data_json.read_text(encoding="utf-8"))["val"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
