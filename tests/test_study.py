@@ -4,6 +4,7 @@ and the report; the validation split held out of the training set."""
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import math
@@ -165,6 +166,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert all(r["provenance"]["torch"] for r in rows if r["state"] == "complete")
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
+    png = (folder / "report-per-class.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right
     assert f"<td class=n>{la[6]}</td>" in page
     summary = summarise(_place(study, folder))

@@ -375,7 +375,8 @@ def _per_class_png(table: list[dict[str, Any]], best: int = 4) -> str:
 
 
 def write_report(place: StudyPlace) -> tuple[Path, Path]:
-    """``report.html`` and ``report.md`` in the study folder.
+    """``report.html`` and ``report.md`` in the study folder, and the page's per-class plot
+    as ``report-per-class.png``.
 
     Raises:
         UsageError: When no trial has finished yet.
@@ -390,6 +391,8 @@ def write_report(place: StudyPlace) -> tuple[Path, Path]:
     md_path.write_text(md, encoding="utf-8")
     plot = _per_class_png(summary["table"]) if summary["table"] else None
     html_path.write_text(_html(place, md, plot), encoding="utf-8")
+    if plot:  # the page's plot as a file too, for a README beside report.md
+        (place.folder / "report-per-class.png").write_bytes(base64.b64decode(plot))
     return html_path, md_path
 
 
