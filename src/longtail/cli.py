@@ -455,8 +455,7 @@ def study_status(
 
 @study_app.command("report")
 def study_report(study: StudyFile, folder: StudyDir = None, storage: Storage = None) -> None:
-    """Write report.html, report.md and report-per-class.png in the study folder from the
-    finished trials."""
+    """Write report.html, report.md and report-per-class.png from the finished trials."""
     place = _place(study, folder, storage)
     with place.failures():
         html_path, md_path = write_report(place)
