@@ -166,6 +166,10 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert all(r["provenance"]["torch"] for r in rows if r["state"] == "complete")
     page = (folder / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page
+    best = summarise(_place(study, folder))["table"][0]
+    run = folder / "runs" / best["entry"] / f"seed-{best['best_run']['seed']}"
+    assert max(best["val_by_seed"].values()) == best["val_by_seed"][best["best_run"]["seed"]]
+    assert f"`longtail predict {run} IMAGES`" in md and (run / "checkpoints").is_dir()
     png = (folder / "report-per-class.png").read_bytes()
     assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right

@@ -176,6 +176,9 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
             statistics.fmean(v) for v in zip(*(r["per_class"] for r in runs), strict=True)
         ]
         row["classes"], row["train_counts"] = runs[0]["classes"], runs[0]["train_counts"]
+        top = max(runs, key=lambda r: float(r["val_top1"]))  # its model to use: a run directory
+        row["best_run"] = {"seed": top["seed"], "val_top1": float(top["val_top1"]),
+                           "path": str(place.run_dir(top))}  # fmt: skip
         table.append(row)
     table.sort(key=lambda r: -(r["val_top1"] or 0))
     for r in table[1:]:
@@ -244,6 +247,15 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         )
     if len(summary["table"]) > 1:
         lines += ["", _verdicts(summary["table"])]
+    if summary["table"]:
+        run = summary["table"][0]["best_run"]
+        path = run["path"]
+        lines += [
+            "",
+            f"The best entry's model: its run at seed {run['seed']} (validation top-1 "
+            f"{run['val_top1']:.4f}), `{path}`; `longtail predict {path} IMAGES` classifies "
+            f"with it, `longtail export {path}` exports it.",
+        ]
     if summary.get("machines"):
         lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
     if summary["best"]:
