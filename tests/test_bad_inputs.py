@@ -203,6 +203,23 @@ def _study_started(t: Path) -> None:
     open_studies(StudyPlace.of(spec, base, t / "s", None))
 
 
+def _study_changed(t: Path) -> None:
+    """_study's storage with its one trial finished with the study file's lr, then the file
+    changed to another lr."""
+    from longtail.studies.spec import load_study, trial_config
+    from longtail.studies.store import StudyPlace, _claim, open_studies
+
+    _study_started(t)
+    spec, base = load_study(t / "study.yaml")
+    study, trial = _claim(open_studies(StudyPlace.of(spec, base, t / "s", None), create=False))
+    cfg = trial_config(spec, spec.entries[0], 0, {}, base)
+    trial.set_user_attr("config", cfg.model_dump(mode="json"))  # as a worker stores it
+    study.tell(trial, 0.5)
+    raw = yaml.safe_load((t / "study.yaml").read_text())
+    raw["set"]["optim.lr"] = cfg.optim.lr / 2
+    (t / "study.yaml").write_text(yaml.safe_dump(raw))
+
+
 CASES = [
     # -- config values and names --------------------------------------------------------
     Case("config-type", "a value of the wrong type", ["train", "--set", "train.epochs=abc"], 2,
@@ -581,6 +598,10 @@ CASES = [
           "sqlite:///file:{tmp}/s/study.db?mode=ro&uri=true"], 1,
          ["failed: attempt to write a readonly database", "finished trials are kept",
           "run the command again"], setup=_study_started, kind="study"),
+    Case("study-changed", "a study file changed after its trials ran (another lr)",
+         ["study", "run", "{tmp}/study.yaml", "--dir", "{tmp}/s"], 2,
+         ["study entry 'ce' now trains otherwise", "optim.lr", "then", "new name"],
+         setup=_study_changed, kind="study"),
     Case("val-split-twice", "two validation splits asked for",
          ["train", *FM, "--set", "data.val_per_class=2", "--set", "data.val_split=test",
           *TINY], 2, ["data.val_split and data.val_per_class", "keep one"], setup=_fm),

@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -285,6 +286,20 @@ def test_a_stopped_study_resumes_without_losing_a_finished_trial(tmp_path, patte
     rows = [r for r in trial_rows(_place(study, folder)) if r["state"] == "complete"]
     assert len(rows) == 4
     assert "Unfinished" not in markdown(_place(study, folder), summarise(_place(study, folder)))
+    # Each trial keeps what it trained; the study file changed after: where the data is and how
+    # the machine runs may change, what is trained not (the table would mix the two).
+    from longtail.studies import check_unchanged, open_studies
+
+    assert all(r["config"]["seed"] == r["seed"] for r in rows)
+    raw = yaml.safe_load(study.read_text())
+    study.write_text(yaml.safe_dump({**raw, "set": {**raw["set"], "train.threads": 2}}))
+    check_unchanged(_place(study, folder), open_studies(_place(study, folder), create=False))
+    study.write_text(yaml.safe_dump({**raw, "set": {**raw["set"], "optim.lr": 0.07}}))
+    again = _cli("study", "run", str(study), "--dir", str(folder))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert re.search(r"study entry '(ce|la)' now trains otherwise than its trial \1/seed-",
+                     again.stderr), again.stderr  # fmt: skip
+    assert "(optim.lr: 0.05 then, 0.07 now)" in again.stderr, again.stderr
 
 
 def _pg_ctl() -> str | None:

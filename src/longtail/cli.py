@@ -46,6 +46,7 @@ from longtail.runs.report import compare_row, format_table, report_run
 from longtail.runs.train import train as run_training
 from longtail.studies import (
     StudyPlace,
+    check_unchanged,
     load_study,
     open_studies,
     progress,
@@ -410,7 +411,8 @@ def study_run(
     """Create the study (every trial enqueued) and work through it; run it again to resume."""
     place = _place(study, folder, storage)
     with place.failures():
-        open_studies(place)  # created and enqueued once, before the workers start
+        check_unchanged(place, open_studies(place))  # created and enqueued once, before
+        # the workers start; a file that now trains an entry otherwise refused once, here
         print(f"study {place.spec.name}: {place.folder} ({place.url})")
         run_workers(place, study, workers, nproc)
         for line in status_lines(place):

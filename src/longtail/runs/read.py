@@ -314,6 +314,22 @@ def _as_written_now(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
 
 
+def config_differences(
+    saved: dict[str, Any], cfg: Config, may_differ: Iterable[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """Where a config saved by this or an earlier version trains otherwise than ``cfg``:
+    (dotted key, saved value, ``cfg``'s value), sorted, for every key but MACHINE_KEYS and
+    ``may_differ``."""
+    a = flat(_as_written_now(saved), MACHINE_KEYS)
+    b = flat(cfg.model_dump(mode="json"), MACHINE_KEYS)
+    skip = MACHINE_KEYS | frozenset(may_differ)
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(a.keys() | b.keys())
+        if k not in skip and a.get(k) != b.get(k)
+    ]
+
+
 def check_checkpoint(
     ckpt: dict[str, Any], cfg: Config, path: Path, method: Method, may_differ: Iterable[str] = ()
 ) -> None:
@@ -323,19 +339,12 @@ def check_checkpoint(
         raise LongtailError(f"{shown(path)} is not a longtail checkpoint")
     saved = ckpt.get("config")
     if isinstance(saved, dict):
-        saved = _as_written_now(saved)
-        a, b = flat(saved, MACHINE_KEYS), flat(cfg.model_dump(mode="json"), MACHINE_KEYS)
-        differ = sorted(
-            k
-            for k in a.keys() | b.keys()
-            if k not in MACHINE_KEYS and k not in may_differ and a.get(k) != b.get(k)
-        )
+        differ = config_differences(saved, cfg, may_differ)
         if differ:
-            k = differ[0]
+            k, then, now = differ[0]
             raise LongtailError(
-                f"checkpoint {shown(path)} was written with another config: {k} is {a.get(k)!r} "
-                "there "
-                f"and {b.get(k)!r} in config.yaml; restore config.yaml or start a new run"
+                f"checkpoint {shown(path)} was written with another config: {k} is {then!r} "
+                f"there and {now!r} in config.yaml; restore config.yaml or start a new run"
             )
     mismatch = state_mismatch(method.state_dict(), ckpt["model"])
     if mismatch:

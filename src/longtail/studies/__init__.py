@@ -3,11 +3,19 @@ one budget, kept in Optuna's storage and worked through by one or many workers."
 
 from longtail.studies.report import progress, status_lines, summarise, write_report
 from longtail.studies.spec import StudySpec, load_study, trial_config
-from longtail.studies.store import StudyPlace, open_studies, run_workers, trial_rows, work
+from longtail.studies.store import (
+    StudyPlace,
+    check_unchanged,
+    open_studies,
+    run_workers,
+    trial_rows,
+    work,
+)
 
 __all__ = [
     "StudyPlace",
     "StudySpec",
+    "check_unchanged",
     "load_study",
     "open_studies",
     "progress",

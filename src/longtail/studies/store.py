@@ -35,6 +35,7 @@ from longtail.config import Config, dump_config
 from longtail.engine.run_dir import RunDir
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.provenance import hardware, source_commit
+from longtail.runs.read import config_differences
 from longtail.studies.spec import Entry, StudySpec, trial_config
 
 try:
@@ -349,6 +350,36 @@ def _close_repeats(study: Any, trials: list[Any]) -> list[Any]:
     return waiting
 
 
+def check_unchanged(place: StudyPlace, studies: list[Any]) -> None:
+    """Refuse to train on when the study file or a recipe now trains an entry otherwise than
+    its trials that ran (a study's table would mix the two): each trial keeps its config,
+    compared with the one the files give it now, but for where the data is and how the
+    machine runs (``MACHINE_KEYS``).
+
+    Raises:
+        UsageError: Naming the entry, the trial and the first setting that changed.
+    """
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    names = {e.name for e in place.spec.entries}
+    for study in studies:
+        for t in study.get_trials(deepcopy=False, states=done):
+            attrs = t.user_attrs
+            if "config" not in attrs or attrs.get("entry") not in names:
+                continue  # an older version's trial, or an entry no longer in the file
+            entry = place.spec.entry(attrs["entry"])
+            now = trial_config(place.spec, entry, attrs["seed"], attrs.get("params") or {},
+                               place.base)  # fmt: skip
+            differ = config_differences(attrs["config"], now)
+            if differ:
+                key, then, given = differ[0]
+                raise UsageError(
+                    f"study entry {entry.name!r} now trains otherwise than its trial "
+                    f"{entry.name}/{attrs['run']} did ({key}: {then!r} then, {given!r} now), "
+                    "and its table would mix the two: restore the study file or recipe, or "
+                    "give the changed entry a new name (or the study another --dir)"
+                )
+
+
 def _key(trial: Any) -> tuple[Any, Any]:
     return trial.user_attrs.get("entry"), trial.user_attrs.get("run")
 
@@ -371,6 +402,7 @@ def work(
             a worker that joins a study started elsewhere.
     """
     studies = open_studies(place, create=create)
+    check_unchanged(place, studies)
     storage = studies[0]._storage
     done = 0
     while True:
@@ -496,6 +528,7 @@ def run_trial(
     run_dir = place.run_dir(attrs)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     trial.set_user_attr("params", params)
+    trial.set_user_attr("config", cfg.model_dump(mode="json"))  # what check_unchanged reads
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     run = RunDir(run_dir)
     t0 = time.time()
