@@ -171,6 +171,14 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     run = folder / "runs" / best["entry"] / f"seed-{best['best_run']['seed']}"
     assert max(best["val_by_seed"].values()) == best["val_by_seed"][best["best_run"]["seed"]]
     assert f"`longtail predict {run} IMAGES`" in md and (run / "checkpoints").is_dir()
+    # the search's best as an entry to add to the study file, to run over the seeds
+    added = yaml.safe_load(next(x for x in md.splitlines() if x.startswith("    - "))[6:])
+    best_lr = summarise(_place(study, folder))["best"][0]["params"]["optim.lr"]
+    assert added["name"] == "la-best" and added["set"]["optim.lr"] == float(f"{best_lr:.4g}")
+    raw = yaml.safe_load(study.read_text())
+    load_study_text = yaml.safe_dump({**raw, "entries": [*raw["entries"], added]})
+    (tmp_path / "more.yaml").write_text(load_study_text)
+    assert load_study(tmp_path / "more.yaml")[0].entry("la-best").set["optim.lr"] > 0
     png = (folder / "report-per-class.png").read_bytes()
     assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right

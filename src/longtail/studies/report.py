@@ -17,9 +17,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from longtail.errors import UsageError
 from longtail.methods import METHODS
-from longtail.studies.spec import trial_config
+from longtail.studies.spec import Entry, trial_config
 from longtail.studies.store import StudyPlace, trial_rows, val_images
 
 STATES = ("complete", "running", "waiting", "pruned", "failed")
@@ -272,6 +274,10 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {b['entry']} | {tried} | {settings} | {b['val_top1']:.4f} | {b['top1']:.4f} |"
             )
+        lines += ["", "A search chose on its first seed alone: to run its best settings over the "
+                  "seeds, add this entry to the study file and run it again:", ""]  # fmt: skip
+        lines += [f"    - {_best_entry(place.spec.entry(b['entry']), b['params'])}"
+                  for b in summary["best"]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -291,6 +297,15 @@ def _noise(summary: dict[str, Any]) -> list[str]:
         "has the same split, so the paired test over seeds does not see this).",
         "",
     ]
+
+
+def _best_entry(entry: Entry, params: dict[str, Any]) -> str:
+    """A study file's entry (YAML, one line) of ``entry`` with the searched ``params`` set (to
+    the 4 digits the report shows)."""
+    given = {**entry.set, **{k: float(f"{v:.4g}") if isinstance(v, float) else v
+                             for k, v in params.items()}}  # fmt: skip
+    best = {"name": f"{entry.name}-best", "recipe": entry.recipe, "set": given}
+    return yaml.safe_dump(best, default_flow_style=True, sort_keys=False, width=10**6).strip()
 
 
 def _unfinished(states: dict[str, int]) -> list[str]:
