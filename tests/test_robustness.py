@@ -730,3 +730,19 @@ def test_sigterm_on_the_command_line_exits_143_with_the_resume_command(tiny_fmni
         f"stopped by SIGTERM in epoch 1 after step 4 of {steps}; saved in {out}: continue with "
         f"`longtail train --out {out} --resume`\n"
     )
+
+
+def test_ctrl_c_inside_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Typer turns a KeyboardInterrupt in a command into an exit code that it returns, not
+    raises, where the command line runs it as we do: a Ctrl-C of `study status --watch`
+    exited 0, silently. Any command: one line, exit 130."""
+    from longtail import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.METHODS, "names", interrupted)
+    monkeypatch.setattr(sys, "argv", ["longtail", "methods"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"

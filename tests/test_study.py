@@ -271,6 +271,39 @@ def test_a_worker_killed_mid_trial_leaves_it_to_be_retried_and_resumed(tmp_path,
     assert p["finished"] == p["total"] == 2 and p["counts"]["ce"]["failed"] == 0
 
 
+def test_a_stopped_study_puts_its_running_trials_back_at_once(tmp_path, pattern_folder):
+    """SIGTERM to `study run --workers 2` alone (what a scheduler or `kill` sends): its workers
+    stop, their trainings save and stop, and each running trial is failed and enqueued again
+    then, not left running until the grace period tells a later worker that it died."""
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0], grace_s=3600,
+                   set={"data.root": str(pattern_folder), "data.val_per_class": 2,
+                        "train.epochs": 60})  # fmt: skip
+    folder = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "longtail", "study", "run", str(study), "--dir", str(folder),
+         "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    runs = [folder / "runs" / e / "seed-0" for e in ("ce", "la")]
+    _wait_for(lambda: all(_epochs(r) >= 1 for r in runs))
+    os.kill(run.pid, signal.SIGTERM)  # the parent alone
+    out, _ = run.communicate(timeout=120)
+    said = out.strip().splitlines()
+    assert run.returncode == 143 and len(said) == 2, out  # its first line, then one more
+    assert said[-1] == (
+        "error: stopped by SIGTERM: the trials running were put back, each to "
+        "continue from its run directory; run `longtail study run` again to go on"
+    )
+    _wait_for(lambda: not any(_training(r) for r in runs), timeout=60)
+    assert all(_epochs(r) < 60 for r in runs)  # stopped, not trained to the end
+    rows = sorted(trial_rows(_place(study, folder)), key=lambda r: r["number"])
+    assert [(r["state"], r.get("error")) for r in rows[:2]] == [("fail", "stopped by SIGTERM")] * 2
+    assert sorted((r["state"], r["retry_of"]) for r in rows[2:]) == [
+        ("waiting", 0), ("waiting", 1)]  # fmt: skip
+    assert all("stopped by SIGTERM in epoch" in (r.parent / "seed-0.log").read_text()
+               for r in runs)  # fmt: skip
+
+
 def test_a_stopped_study_resumes_without_losing_a_finished_trial(tmp_path, pattern_folder):
     study = _study(tmp_path, pattern_folder, search_trials=0)
     folder = tmp_path / "out"
@@ -482,7 +515,7 @@ def test_workers_on_one_machine_each_get_their_share_of_its_gpus(tmp_path, monke
     seen, threads = [], []
 
     class Popen:  # the worker processes, recorded instead of started
-        def __init__(self, cmd, env):
+        def __init__(self, cmd, env, **kw):
             seen.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
             threads.append(env["OMP_NUM_THREADS"])
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +47,8 @@ from longtail.runs.read import evaluate_run, skipped_links_warning
 from longtail.runs.report import compare_row, format_table, report_run
 from longtail.runs.train import train as run_training
 from longtail.studies import (
+    WORKER_OF_RUN,
+    Stopped,
     StudyPlace,
     check_unchanged,
     load_study,
@@ -397,6 +401,25 @@ def _place(study: Path, folder: Path | None, storage: str | None) -> StudyPlace:
     return StudyPlace.of(spec, base, folder, storage)
 
 
+@contextlib.contextmanager
+def _stopping(what: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM in a study command said in one line (with its exit code): each
+    running trial was put back by its worker."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        code = Stopped.exit_code if isinstance(e, Stopped) else 130
+        if os.environ.get(WORKER_OF_RUN):  # a worker of `study run`: that command says it
+            sys.exit(code)
+        how = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"
+        stop = Interrupted(
+            f"{how}: the trials running were put back, each to continue from its run "
+            f"directory; run `longtail study {what}` again to go on"
+        )
+        stop.exit_code = code
+        raise stop from None
+
+
 @study_app.command("run")
 def study_run(
     study: StudyFile,
@@ -410,7 +433,7 @@ def study_run(
 ) -> None:
     """Create the study (every trial enqueued) and work through it; run it again to resume."""
     place = _place(study, folder, storage)
-    with place.failures():
+    with _stopping("run"), place.failures():
         check_unchanged(place, open_studies(place))  # created and enqueued once, before
         # the workers start; a file that now trains an entry otherwise refused once, here
         print(f"study {place.spec.name}: {place.folder} ({place.url})")
@@ -429,7 +452,7 @@ def study_worker(
 ) -> None:
     """Claim and train the study's trials until none is left (one per GPU or machine)."""
     place = _place(study, folder, storage)
-    with place.failures():
+    with _stopping("worker"), place.failures():
         trained = work(place, nproc, create=False)
     print(f"worker done: {trained} trial(s) trained here")
 
@@ -467,7 +490,10 @@ def study_report(study: StudyFile, folder: StudyDir = None, storage: Storage = N
 def main() -> None:
     """Entry point of the ``longtail`` console script."""
     try:
-        app(standalone_mode=False, prog_name="longtail")
+        code = app(standalone_mode=False, prog_name="longtail")
+        if isinstance(code, int) and code:  # Typer turns a Ctrl-C in a command into code 130
+            print("interrupted", file=sys.stderr)
+            sys.exit(code)
     except LongtailError as e:
         if distributed.is_main_from_env():  # under torchrun, one line: rank 0's
             said = e.for_cli() if isinstance(e, Preempted) else f"error: {e.for_cli()}"

@@ -4,6 +4,8 @@ one budget, kept in Optuna's storage and worked through by one or many workers."
 from longtail.studies.report import progress, status_lines, summarise, write_report
 from longtail.studies.spec import StudySpec, load_study, trial_config
 from longtail.studies.store import (
+    WORKER_OF_RUN,
+    Stopped,
     StudyPlace,
     check_unchanged,
     open_studies,
@@ -13,6 +15,8 @@ from longtail.studies.store import (
 )
 
 __all__ = [
+    "Stopped",
+    "WORKER_OF_RUN",
     "StudyPlace",
     "StudySpec",
     "check_unchanged",

@@ -388,6 +388,49 @@ def _running(studies: list[Any]) -> bool:
     return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in studies)
 
 
+WORKER_OF_RUN = "LONGTAIL_STUDY_WORKER_OF_RUN"  # set in the workers `study run` starts
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM in a study process: it unwinds as Ctrl-C does (a trial's training is stopped
+    and saves where it stands; the trial is put back)."""
+
+    exit_code = 143  # 128 + SIGTERM
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGTERM raises ``Stopped``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _put_back(place: StudyPlace, study: Any, trial: Any, why: str) -> None:
+    """A trial whose worker was stopped (Ctrl-C, SIGTERM): failed and enqueued again now, so
+    that the next worker continues it first rather than after the grace period (it would be
+    left running until then); its run directory keeps what it trained."""
+    opt = _optuna()
+    storage = study._storage
+    # a storage that fails here (or a trial told just before): the heartbeat's way still holds
+    with contextlib.suppress(Exception), place.serial():
+        storage.set_trial_user_attr(trial._trial_id, "error", f"stopped by {why}")
+        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+                warnings.simplefilter("ignore")
+                again = opt.storages.RetryFailedTrialCallback(max_retry=None)
+            again(study, storage.get_trial(trial._trial_id))  # a stop is not a crash: no cap
+
+
 def work(
     place: StudyPlace, nproc: int = 1, poll_s: float = 2.0, say: Any = print, create: bool = True
 ) -> int:
@@ -405,18 +448,23 @@ def work(
     check_unchanged(place, studies)
     storage = studies[0]._storage
     done = 0
-    while True:
-        claimed = _claim(studies, place.serial)
-        if claimed is None:
-            if not _running(studies):
-                return done
-            time.sleep(place.spec.heartbeat_s)  # another worker's trial comes back if it died
-            continue
-        study, trial = claimed
-        with heartbeat(storage, trial, place.spec.heartbeat_s):
-            state, line = run_trial(place, study, trial, nproc, poll_s)
-        say(f"trial {trial.user_attrs['entry']}/{trial.user_attrs['run']}: {line}")
-        done += state == TrialState.COMPLETE
+    with sigterm_stops():
+        while True:
+            claimed = _claim(studies, place.serial)
+            if claimed is None:
+                if not _running(studies):
+                    return done
+                time.sleep(place.spec.heartbeat_s)  # another worker's trial: back if it died
+                continue
+            study, trial = claimed
+            try:
+                with heartbeat(storage, trial, place.spec.heartbeat_s):
+                    state, line = run_trial(place, study, trial, nproc, poll_s)
+            except KeyboardInterrupt as e:
+                _put_back(place, study, trial, "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C")
+                raise
+            say(f"trial {trial.user_attrs['entry']}/{trial.user_attrs['run']}: {line}")
+            done += state == TrialState.COMPLETE
 
 
 def visible_gpus() -> list[str]:
@@ -464,12 +512,22 @@ def run_workers(place: StudyPlace, study_file: Path, workers: int, nproc: int = 
     # process its share, unless OMP_NUM_THREADS is set already; a trial's train.threads wins.
     threads = str(max(1, len(os.sched_getaffinity(0)) // (workers * nproc)))
     for k, share in enumerate(gpu_shares(visible_gpus(), workers, nproc)):
-        env = {"OMP_NUM_THREADS": threads, **os.environ}
+        env = {"OMP_NUM_THREADS": threads, **os.environ, WORKER_OF_RUN: "1"}
         if share is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(share)
             print(f"worker {k}: GPU {env['CUDA_VISIBLE_DEVICES']}", flush=True)
-        procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
+        # a worker stops with this process, even killed (SIGTERM from the kernel)
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_stop_with_parent))
+    try:
+        with sigterm_stops():
+            codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too; SIGTERM only this process
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()  # each puts its trial back
+        for p in procs:
+            p.wait()
+        raise
     if any(codes):
         raise LongtailError(f"a study worker exited with code {max(codes)}; see its output above")
 
