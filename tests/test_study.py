@@ -620,6 +620,8 @@ def test_status_says_how_long_the_study_has_left():
     assert time_left(rows, 10) == pytest.approx((200 + 1400 / 3 + 700 + 200) / 2)
     assert time_left(rows, None) == pytest.approx((200 + 1400 / 3 + 1000 + 200) / 2)
     assert time_left(rows[:5], 10) == pytest.approx(200 + 1400 / 3)  # none running: one
+    stale = {**row("a", "running", steps=[], worker="w3"), "stale": True}  # its worker stopped
+    assert time_left([*rows, stale], 10) == pytest.approx((200 + 1400 / 3 + 700 + 400) / 2)
     assert (_duration(3 * 3600 + 125), _duration(89)) == ("3 h 2 min", "1 min")
 
 
@@ -683,6 +685,10 @@ def test_two_workers_racing_on_a_dead_workers_trial_retry_it_once(tmp_path, patt
         studies[0]._storage.record_heartbeat(trial._trial_id)
         folders.append(str(folder))
     time.sleep(2)  # past the grace period: every first trial is stale
+    said = status_lines(_place(Path(folders[0]) / "study.yaml", Path(folders[0])))
+    assert any(x.startswith("  running: ce/seed-0 on ") and x.endswith(
+        "no heartbeat for over 1 s: its worker stopped; the next worker that looks continues it")
+        for x in said), said  # fmt: skip
     start = time.time() + 6  # both have imported by then, and look at each folder at once
     racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(start), *folders],
                                stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip

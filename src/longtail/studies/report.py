@@ -77,7 +77,11 @@ def progress(place: StudyPlace) -> dict[str, Any]:
         counts[r["entry"]][state] = counts[r["entry"]].get(state, 0) + 1
         if state == "running":
             epoch = max(r["steps"]) if r["steps"] else 0
-            running.append(f"{r['entry']}/{r['run']} on {r.get('worker', '?')}, epoch {epoch}")
+            said = f"{r['entry']}/{r['run']} on {r.get('worker', '?')}, epoch {epoch}"
+            if r.get("stale"):
+                said += (f", but no heartbeat for over {place.spec.grace_s:g} s: its worker "
+                         "stopped; the next worker that looks continues it")  # fmt: skip
+            running.append(said)
         elif state == "failed":  # its last attempt, with the last line of its log
             why = r.get("error", "its worker died (no heartbeat) and its retries ran out")
             failed.append(f"{r['entry']}/{r['run']}: {why}")
@@ -92,8 +96,8 @@ def time_left(rows: list[dict[str, Any]], epochs: int | None) -> float | None:
     """Seconds the study has left at the pace of the workers running trials now: a trial not
     finished costs the mean wall time of its entry's finished trials (else of all finished
     trials), a running one the share of it its epochs have not done (of ``epochs``, where the
-    study sets them); the sum is shared by those workers (at least one). None before any
-    trial has finished."""
+    study sets them); the sum is shared by those workers (at least one; a stale trial's
+    worker stopped). None before any trial has finished."""
     walls: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         if r["state"] == "complete" and r.get("wall_s"):
@@ -106,7 +110,7 @@ def time_left(rows: list[dict[str, Any]], epochs: int | None) -> float | None:
         if r["state"] not in ("waiting", "running"):
             continue
         cost = statistics.fmean(walls[r["entry"]]) if walls.get(r["entry"]) else overall
-        if r["state"] == "running":
+        if r["state"] == "running" and not r.get("stale"):  # a worker trains it now
             workers.add(r.get("worker"))
             if epochs:
                 cost *= max(0.0, 1 - max(r["steps"], default=0) / epochs)

@@ -703,9 +703,11 @@ def val_images(run_dir: Path) -> int | None:
 def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
     """Every trial of the study: its state and stored attributes (less a spare without an
     entry, which Study.ask made when workers of an older version raced for the last one, and
-    a repeat closed by ``_close_repeats``)."""
+    a repeat closed by ``_close_repeats``). ``stale``: running without a heartbeat for the
+    grace period (its worker stopped; the next worker that looks retries it)."""
     rows = []
     for study in open_studies(place, create=False):
+        stale = set(study._storage._get_stale_trial_ids(study._study_id))
         for t in study.get_trials(deepcopy=False):
             if "entry" not in t.user_attrs or "duplicate_of" in t.user_attrs:
                 continue
@@ -715,6 +717,7 @@ def trial_rows(place: StudyPlace) -> list[dict[str, Any]]:
                     "number": t.number,
                     "retry_of": t.system_attrs.get("failed_trial"),
                     "steps": dict(t.intermediate_values),
+                    "stale": t._trial_id in stale,
                     **t.user_attrs,
                 }
             )
