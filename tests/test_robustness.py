@@ -746,3 +746,16 @@ def test_ctrl_c_inside_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main()
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("args", [[], ["study"], ["data"]])
+def test_a_command_without_arguments_shows_its_help_and_no_empty_error(args, monkeypatch, capsys):
+    """Click's "no arguments, here is the help" is a usage error with no message: it printed
+    "error:  (see longtail --help)" under the help."""
+    from longtail import cli
+
+    monkeypatch.setattr(sys, "argv", ["longtail", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "Usage: longtail" in out and err == "", err

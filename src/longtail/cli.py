@@ -512,7 +512,8 @@ def main() -> None:
             raise
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "longtail"
-        print(f"error: {e.format_message()} (see {where} --help)", file=sys.stderr)
+        if e.format_message():  # else no arguments: the help was printed, that is all to say
+            print(f"error: {e.format_message()} (see {where} --help)", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
