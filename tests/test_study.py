@@ -182,6 +182,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     png = (folder / "report-per-class.png").read_bytes()
     assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right
+    assert "<pre>- {name: la-best, " in page  # a code block, and `code` spans
+    assert f"<code>longtail predict {run} IMAGES</code>" in page
     assert f"<td class=n>{la[6]}</td>" in page
     summary = summarise(_place(study, folder))
     vals = [r["val_top1"] for r in summary["table"]]

@@ -450,8 +450,12 @@ def _html(place: StudyPlace, md: str, plot: str | None) -> str:
                 + "</table>"
             )
             table = []
-        if line:
-            body.append(f"<p>{html.escape(line)}</p>")
+        if line.startswith("    "):  # a code block's line
+            body.append(f"<pre>{html.escape(line[4:])}</pre>")
+        elif line:  # `code` spans as code
+            parts = html.escape(line).split("`")
+            body.append("<p>" + "".join(f"<code>{t}</code>" if k % 2 else t
+                                        for k, t in enumerate(parts)) + "</p>")  # fmt: skip
     if plot:
         body.append("<h2>Per-class test accuracy, head to tail (best entries)</h2>")
         body.append(f'<img alt="per-class accuracy" src="data:image/png;base64,{plot}">')
