@@ -171,6 +171,14 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     run = folder / "runs" / best["entry"] / f"seed-{best['best_run']['seed']}"
     assert max(best["val_by_seed"].values()) == best["val_by_seed"][best["best_run"]["seed"]]
     assert f"`longtail predict {run} IMAGES`" in md and (run / "checkpoints").is_dir()
+    assert f"`{run}`; " in md  # trained here; by a worker on another machine: "on HOST"
+    import longtail.studies.report as report
+
+    here = socket.gethostname()
+    monkeypatch.setattr(report.socket, "gethostname", lambda: "another-machine")
+    elsewhere = report.markdown(_place(study, folder), summarise(_place(study, folder)))
+    monkeypatch.undo()
+    assert f"`{run}` on {here}; " in elsewhere
     # the search's best as an entry to add to the study file, to run over the seeds
     added = yaml.safe_load(next(x for x in md.splitlines() if x.startswith("    - "))[6:])
     best_lr = summarise(_place(study, folder))["best"][0]["params"]["optim.lr"]
@@ -193,8 +201,6 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     se = math.sqrt(vals[0] * (1 - vals[0]) / n)
     assert f"Validation: {n} images. " in md and f"standard error of about {se:.4f}" in md
     # trials stored before the size was kept: read from their run directories
-    import longtail.studies.report as report
-
     rows_then = report.trial_rows
     monkeypatch.setattr(report, "trial_rows", lambda place: [
         {k: v for k, v in r.items() if k != "val_images"} for r in rows_then(place)])  # fmt: skip

@@ -12,6 +12,7 @@ import html
 import io
 import math
 import re
+import socket
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -184,7 +185,8 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
         row["classes"], row["train_counts"] = runs[0]["classes"], runs[0]["train_counts"]
         top = max(runs, key=lambda r: float(r["val_top1"]))  # its model to use: a run directory
         row["best_run"] = {"seed": top["seed"], "val_top1": float(top["val_top1"]),
-                           "path": str(place.run_dir(top))}  # fmt: skip
+                           "path": str(place.run_dir(top)),
+                           "host": str(top.get("worker", "")).rpartition(":")[0]}  # fmt: skip
         table.append(row)
     table.sort(key=lambda r: -(r["val_top1"] or 0))
     for r in table[1:]:
@@ -256,11 +258,13 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
     if summary["table"]:
         run = summary["table"][0]["best_run"]
         path = run["path"]
+        # a worker on another machine trained into that machine's study folder
+        where = f" on {run['host']}" if run["host"] not in ("", socket.gethostname()) else ""
         lines += [
             "",
             f"The best entry's model: its run at seed {run['seed']} (validation top-1 "
-            f"{run['val_top1']:.4f}), `{path}`; `longtail predict {path} IMAGES` classifies "
-            f"with it, `longtail export {path}` exports it.",
+            f"{run['val_top1']:.4f}), `{path}`{where}; `longtail predict {path} IMAGES` "
+            f"classifies with it, `longtail export {path}` exports it.",
         ]
     if summary.get("machines"):
         lines += ["", "Trials ran on: " + "; ".join(summary["machines"]) + "."]
