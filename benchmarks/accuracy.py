@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
@@ -39,8 +40,16 @@ from provenance import commit, hardware, imbalance_ratio
 
 from longtail.build import carried_options, scale_epochs
 from longtail.config import config_from_dict, deep_merge, flat, load_config, parse_overrides
+from longtail.errors import LongtailError
 from longtail.runs.read import read_run_config
-from longtail.studies import StudyPlace, open_studies, run_workers, trial_rows
+from longtail.studies import (
+    Stopped,
+    StudyPlace,
+    check_unchanged,
+    open_studies,
+    run_workers,
+    trial_rows,
+)
 from longtail.studies.report import latest, paper_of
 from longtail.studies.spec import Entry, StudySpec
 
@@ -247,11 +256,19 @@ def main() -> None:
     study_file = args.out / "study.yaml"
     spec = joined(accuracy_study(args), study_file)
     place = StudyPlace.of(spec, Path("."), args.out, None)
-    open_studies(place)  # every (entry, seed) not yet finished in the folder is enqueued
-    # The study file beside its storage: `longtail study status|report <out>/study.yaml
-    # --dir <out>` read it, and worker processes run it.
-    study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    run_workers(place, study_file, args.workers)
+    try:
+        # every (entry, seed) not yet finished in the folder is enqueued; a recipe changed
+        # since its entry's trials ran is refused
+        check_unchanged(place, open_studies(place))
+        # The study file beside its storage: `longtail study status|report <out>/study.yaml
+        # --dir <out>` read it, and worker processes run it.
+        study_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        run_workers(place, study_file, args.workers)
+    except LongtailError as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:  # the workers put their trials back
+        print("stopped: run the same command again to continue", file=sys.stderr)
+        sys.exit(Stopped.exit_code if isinstance(e, Stopped) else 130)
     results_path = args.out / "accuracy.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("runs", {})
