@@ -496,7 +496,8 @@ def main() -> None:
             sys.exit(code)
     except LongtailError as e:
         if distributed.is_main_from_env():  # under torchrun, one line: rank 0's
-            said = e.for_cli() if isinstance(e, Preempted) else f"error: {e.for_cli()}"
+            stop = isinstance(e, (Preempted, Interrupted))  # asked for: not an error
+            said = e.for_cli() if stop else f"error: {e.for_cli()}"
             print(said, file=sys.stderr)
         else:  # the others fail alike: let rank 0 say it before torchrun stops everyone
             time.sleep(2)
