@@ -150,6 +150,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
             "val/top1"]  # fmt: skip
     status = _cli("study", "status", str(study), "--dir", str(folder))
     assert status.returncode == 0 and "8/8 trials finished" in status.stdout, status.stdout
+    said = json.loads(_cli("study", "status", str(study), "--dir", str(folder), "--json").stdout)
+    assert (said["finished"], said["total"], said["counts"]["ce"]["complete"]) == (8, 8, 2)
     report = _cli("study", "report", str(study), "--dir", str(folder))
     assert report.returncode == 0, report.stderr
     md = (folder / "report.md").read_text()

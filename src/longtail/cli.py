@@ -465,14 +465,25 @@ def study_status(
     watch: Annotated[
         float, typer.Option(help="print again every this many seconds until all finish")
     ] = 0.0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object each time: trials by entry and state, running, failed, "
+            "total, finished, left_s",
+        ),
+    ] = False,
 ) -> None:
     """Trials done, running, waiting, pruned and failed, with a progress bar."""
     place = _place(study, folder, storage)
     while True:
         with place.failures():
-            lines, p = status_lines(place), progress(place)
+            p = progress(place)
+            lines = [] if as_json else status_lines(place, p)
+        if as_json:
+            print(jsonio.dumps(p), flush=True)
         for line in lines:
-            print(line)
+            print(line, flush=True)
         if not watch or p["finished"] >= p["total"]:
             return
         time.sleep(watch)

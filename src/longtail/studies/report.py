@@ -124,9 +124,10 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
-def status_lines(place: StudyPlace, width: int = 30) -> list[str]:
-    """What ``longtail study status`` prints: a bar, then one line per entry."""
-    p = progress(place)
+def status_lines(place: StudyPlace, p: dict[str, Any] | None = None, width: int = 30) -> list[str]:
+    """What ``longtail study status`` prints: a bar, then one line per entry (of ``p``, the
+    study's ``progress``, read now where not given)."""
+    p = p if p is not None else progress(place)
     share = p["finished"] / p["total"] if p["total"] else 1.0
     bar = "#" * round(width * share) + "-" * (width - round(width * share))
     lines = [
