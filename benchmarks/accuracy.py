@@ -40,6 +40,7 @@ from provenance import commit, hardware, imbalance_ratio
 
 from longtail.build import carried_options, scale_epochs
 from longtail.config import config_from_dict, deep_merge, flat, load_config, parse_overrides
+from longtail.engine.run_dir import images_per_s
 from longtail.errors import LongtailError
 from longtail.runs.read import read_run_config
 from longtail.studies import (
@@ -301,7 +302,9 @@ def run_result(row: dict, run_dir: Path, epochs: int) -> dict:
         "seed": row["seed"],
         **{k: row[k] for k in ("top1", "many", "medium", "few", "ece", "val_top1")},
         "wall_s": row["wall_s"],
-        "images_per_s": images_per_s(run_dir / "metrics.jsonl"),
+        "images_per_s": images_per_s(
+            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ),
         "per_class": test["per_class"],
         "confusion": test["confusion"],  # rows: true class, columns: predicted
         "classes": test["classes"],
@@ -314,14 +317,6 @@ def run_result(row: dict, run_dir: Path, epochs: int) -> dict:
         "cpu": where.get("cuda") or where.get("cpu"),
         "torch": where.get("torch"),
     }
-
-
-def images_per_s(metrics: Path) -> float:
-    """Images forwarded per second of training, over all epochs of all stages."""
-    epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    epochs = [e for e in epochs if "images_per_s" in e]
-    seconds = sum(e["epoch_time_s"] for e in epochs)
-    return sum(e["images_per_s"] * e["epoch_time_s"] for e in epochs) / seconds
 
 
 def merge(folders: list[Path], out: Path) -> None:

@@ -195,6 +195,8 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert "<pre>- {name: la-best, " in page  # a code block, and `code` spans
     assert f"<code>longtail predict {run} IMAGES</code>" in page
     assert f"<td class=n>{la[6]}</td>" in page
+    speeds = [r["images_per_s"] for r in fixed if r["entry"] == "la"]
+    assert la[-1] == f"{sum(speeds) / 2:.0f}" and all(v > 0 for v in speeds)  # training images/s
     summary = summarise(_place(study, folder))
     vals = [r["val_top1"] for r in summary["table"]]
     assert vals == sorted(vals, reverse=True)
@@ -205,8 +207,12 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     # trials stored before the size was kept: read from their run directories
     rows_then = report.trial_rows
     monkeypatch.setattr(report, "trial_rows", lambda place: [
-        {k: v for k, v in r.items() if k != "val_images"} for r in rows_then(place)])  # fmt: skip
-    assert summarise(_place(study, folder))["val_images"] == n
+        {k: v for k, v in r.items() if k not in ("val_images", "images_per_s")}
+        for r in rows_then(place)])  # fmt: skip
+    again = summarise(_place(study, folder))
+    assert again["val_images"] == n
+    assert [r["images_per_s"] for r in again["table"]] == pytest.approx(
+        [r["images_per_s"] for r in summary["table"]])  # fmt: skip
 
 
 def _wait_for(predicate, timeout: float = 240.0) -> None:
@@ -610,6 +616,15 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     assert [_versus_cell(r["versus_best"]).split(": ")[1] for r in table[1:3]] == [
         "worse", "not told apart (3 seeds)"]  # fmt: skip
     assert _versus_cell(table[3]["versus_best"]) == "-0.1200: untested (one seed)"
+
+
+def test_images_per_s_weighs_each_epoch_by_its_time():
+    from longtail.engine.run_dir import images_per_s
+
+    records = [{"images_per_s": 100.0, "epoch_time_s": 30.0},
+               {"images_per_s": 400.0, "epoch_time_s": 10.0}, {"epoch": 3}]  # fmt: skip
+    assert images_per_s(records) == pytest.approx((3000 + 4000) / 40)  # not (100 + 400) / 2
+    assert images_per_s([{"epoch": 1}]) is None
 
 
 def test_status_says_how_long_the_study_has_left():

@@ -13,8 +13,9 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from longtail.errors import LongtailError, UsageError, shown
 
@@ -22,6 +23,18 @@ try:  # POSIX; elsewhere runs go unlocked
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+
+def images_per_s(records: Iterable[dict[str, Any]]) -> float | None:
+    """Training speed over a run's epoch records (``metrics.jsonl``): all the images its
+    epochs trained on over all their time, so that a long epoch weighs as long; None
+    without a timed epoch."""
+    timed = [r for r in records if r.get("images_per_s") and r.get("epoch_time_s")]
+    seconds = sum(float(r["epoch_time_s"]) for r in timed)
+    if not seconds:
+        return None
+    return sum(float(r["images_per_s"]) * float(r["epoch_time_s"]) for r in timed) / seconds
+
 
 CHECKPOINT_DIR = "checkpoints"
 LOCK = ".lock"

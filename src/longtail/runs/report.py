@@ -19,7 +19,7 @@ from longtail.build import build_data
 from longtail.config import Config
 from longtail.data import RunData
 from longtail.engine import distributed
-from longtail.engine.run_dir import RunDir
+from longtail.engine.run_dir import RunDir, images_per_s
 from longtail.engine.trainer import predict_loader
 from longtail.errors import DataError, LongtailError, UsageError, shown
 from longtail.evaluation import shot_groups
@@ -96,7 +96,7 @@ def _summary(
     run_dir: Path, cfg: Config, evaluation: dict[str, Any], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     wall = sum(float(r.get("epoch_time_s") or 0) for r in history)
-    speeds = [r["images_per_s"] for r in history if isinstance(r.get("images_per_s"), (int, float))]
+    speed = images_per_s(history)
     return {
         "run directory": str(run_dir),
         "method": cfg.method_name,
@@ -109,7 +109,7 @@ def _summary(
         "few": evaluation.get("few"),
         "ECE": evaluation["ece"],
         "training time (s)": f"{wall:.1f}",
-        "images/s (mean over epochs)": round(sum(speeds) / len(speeds)) if speeds else None,
+        "images/s (over all epochs)": round(speed) if speed is not None else None,
     }
 
 

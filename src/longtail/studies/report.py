@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from longtail.engine.run_dir import RunDir, images_per_s
 from longtail.errors import UsageError
 from longtail.methods import METHODS
 from longtail.studies.spec import Entry, trial_config
@@ -180,6 +182,9 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
             values = [float(r[m]) for r in runs if r.get(m) is not None]
             row[m], row[f"{m}_sd"] = _mean_sd(values)
         row["wall_s"] = statistics.fmean(float(r["wall_s"]) for r in runs)
+        # trials stored before images_per_s was kept: their run directory's metrics, if here
+        speeds = [r.get("images_per_s") or _speed(place.run_dir(r)) for r in runs]
+        row["images_per_s"] = statistics.fmean(speeds) if None not in speeds else None
         row["per_class"] = [
             statistics.fmean(v) for v in zip(*(r["per_class"] for r in runs), strict=True)
         ]
@@ -236,13 +241,15 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
     lines = [
         f"Study {spec.name}: {len(spec.entries)} entries x {seeds}, {budget}. "
         "Ranked by validation top-1 (held out of the training set; the study selects and "
-        "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds.",
+        "prunes on it alone); test metrics at the last epoch, mean ± sd over seeds; wall "
+        "time (the whole trial) and training images/s as measured, beside whatever else ran "
+        "on its machine.",
         "",
         *_noise(summary),
         *_unfinished(summary.get("states", {})),
         "| entry | paper | seeds | val top-1 | val vs best, paired | test top-1 | test top-1 per "
-        "seed | many | medium | few | ECE | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "seed | many | medium | few | ECE | wall s | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["table"]:
         cells = [_cell(r[m], r[f"{m}_sd"]) for m in METRICS]
@@ -252,7 +259,8 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {paper_of(r['method'])} | {r['seeds']} | "
             + " | ".join(cells)
-            + f" | {r['wall_s']:.0f} |"
+            + f" | {r['wall_s']:.0f} | "
+            + (f"{r['images_per_s']:.0f} |" if r.get("images_per_s") else "- |")
         )
     if len(summary["table"]) > 1:
         lines += ["", _verdicts(summary["table"])]
@@ -288,6 +296,15 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         lines += [f"    - {_best_entry(place.spec.entry(b['entry']), b['params'])}"
                   for b in summary["best"]]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _speed(run_dir: Path) -> float | None:
+    """The training images/s of a run directory's metrics.jsonl; None without it."""
+    try:
+        lines = RunDir(run_dir).metrics.read_text(encoding="utf-8").splitlines()
+        return images_per_s(json.loads(line) for line in lines if line.strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _noise(summary: dict[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from longtail.config import Config, dump_config
-from longtail.engine.run_dir import RunDir
+from longtail.engine.run_dir import RunDir, images_per_s
 from longtail.errors import LongtailError, UsageError, shown
 from longtail.provenance import hardware, source_commit
 from longtail.runs.read import config_differences
@@ -681,6 +681,7 @@ def trial_results(run_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{shown(run_dir)} has no validation top-1 in metrics.jsonl")
     wall = sum(float(r.get("epoch_time_s") or 0) for r in _epochs_seen(run.metrics))
     return {
+        "images_per_s": images_per_s(_epochs_seen(run.metrics)),
         "val_images": val_images(run_dir),
         "val_top1": float(epochs[-1]["val/top1"]),
         **{k: test.get(k) for k in ("top1", "many", "medium", "few", "ece")},
