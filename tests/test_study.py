@@ -307,8 +307,8 @@ def test_a_stopped_study_puts_its_running_trials_back_at_once(tmp_path, pattern_
     said = out.strip().splitlines()
     assert run.returncode == 143 and len(said) == 2, out  # its first line, then one more
     assert said[-1] == (
-        "stopped by SIGTERM: the trials running were put back, each to "
-        "continue from its run directory; run `longtail study run` again to go on"
+        "stopped by SIGTERM: any trial in training was put back, to continue from its "
+        "run directory; run `longtail study run` again to go on"
     )
     _wait_for(lambda: not any(_training(r) for r in runs), timeout=60)
     assert all(_epochs(r) < 60 for r in runs)  # stopped, not trained to the end

@@ -413,7 +413,7 @@ def _stopping(what: str) -> Iterator[None]:
             sys.exit(code)
         how = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"
         stop = Interrupted(
-            f"{how}: the trials running were put back, each to continue from its run "
+            f"{how}: any trial in training was put back, to continue from its run "
             f"directory; run `longtail study {what}` again to go on"
         )
         stop.exit_code = code
