@@ -161,6 +161,9 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert len(table) == 2, md
     la = table["la (logit-adjust)"]
     assert la[1:3] == ["Menon et al., ICLR 2021", "2"]  # the method's paper, the seeds
+    # 22, 14, 8 and 5 training images a class: no many-shot class, and no column of dashes
+    assert "No many-shot class in this data" in md and "| many |" not in md
+    assert "| test top-1 per seed | medium | few | ECE |" in md
     assert {table["ce"][4].split(":")[0], la[4].split(":")[0]} & {"best"}  # one is the best
     assert la[6] == ", ".join(f"{r['top1']:.4f}" for r in sorted(
         (r for r in fixed if r["entry"] == "la"), key=lambda r: r["seed"]))  # fmt: skip
