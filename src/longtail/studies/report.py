@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 import socket
@@ -25,7 +24,7 @@ from longtail.engine.run_dir import RunDir, images_per_s
 from longtail.errors import UsageError
 from longtail.methods import METHODS
 from longtail.studies.spec import Entry, trial_config
-from longtail.studies.store import StudyPlace, trial_rows, val_images
+from longtail.studies.store import StudyPlace, _epochs_seen, trial_rows, val_images
 
 STATES = ("complete", "running", "waiting", "pruned", "failed")
 METRICS = ("val_top1", "top1", "many", "medium", "few", "ece")
@@ -309,11 +308,7 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
 
 def _speed(run_dir: Path) -> float | None:
     """The training images/s of a run directory's metrics.jsonl; None without it."""
-    try:
-        lines = RunDir(run_dir).metrics.read_text(encoding="utf-8").splitlines()
-        return images_per_s(json.loads(line) for line in lines if line.strip())
-    except (OSError, ValueError):
-        return None
+    return images_per_s(_epochs_seen(RunDir(run_dir).metrics))
 
 
 def _noise(summary: dict[str, Any]) -> list[str]:
