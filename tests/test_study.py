@@ -207,6 +207,12 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert n == 7 and all(r["val_images"] == n for r in fixed)  # 2 a class; 1 of the 6-image one
     se = math.sqrt(vals[0] * (1 - vals[0]) / n)
     assert f"Validation: {n} images. " in md and f"standard error of about {se:.4f}" in md
+    # the paired test reads the differences at the split's resolution, one image in n
+    steps = []
+    versus = report.versus
+    monkeypatch.setattr(report, "versus", lambda *a: steps.append(a[2:]) or versus(*a))
+    summarise(_place(study, folder))
+    assert steps == [(1 / n,)] * (len(summary["table"]) - 1)
     # trials stored before the size was kept: read from their run directories
     rows_then = report.trial_rows
     monkeypatch.setattr(report, "trial_rows", lambda place: [
@@ -583,6 +589,15 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     )  # +0.01, -0.01, +0.005
     assert versus(best, {k: v - 0.02 for k, v in best.items()})["verdict"] == "worse"  # sd 0
     assert versus(best, {k: v + 0.02 for k, v in best.items()})["verdict"] == "better"
+    # Top-1 moves in steps of 1 / validation images: identical differences (sd 0) are read
+    # with one step of spread, so a gap must pass t at that sd, not merely be nonzero.
+    two = {0: 0.80, 1: 0.82}
+    for gap, step, verdict in ((0.005, 0.001, "not told apart"), (0.02, 0.001, "worse"),
+                               (0.005, None, "worse")):  # fmt: skip
+        v = versus(two, {k: x - gap for k, x in two.items()}, step)
+        assert v["verdict"] == verdict and v["sd"] == pytest.approx(0), (gap, step)
+    for gap, verdict in ((0.002, "not told apart"), (0.003, "worse")):  # t 3.46, 5.20 vs 4.303
+        assert versus(best, {k: x - gap for k, x in best.items()}, 0.001)["verdict"] == verdict
     # differences -0.01 -+ a over 3 seeds: t = 0.01 * sqrt(3) / a, against 4.303
     for t, verdict in ((4.0, "not told apart"), (4.6, "worse")):
         a = 0.01 * 3**0.5 / t

@@ -37,10 +37,18 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
-def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+def versus(
+    best: dict[int, float], other: dict[int, float], step: float | None = None
+) -> dict[str, Any]:
     """``other`` against ``best`` (validation top-1 by seed): the mean and sd of their
     differences on the seeds both ran, and a paired t-test's verdict at 95%: "worse",
-    "better", "not told apart", or "untested" (fewer than two shared seeds)."""
+    "better", "not told apart", or "untested" (fewer than two shared seeds).
+
+    Args:
+        step: the measure's resolution (1 / validation images). The test reads the sd of the
+            differences as at least one step: top-1 moves in steps, so two seeds can differ
+            by the same amount by chance (sd 0), which would tell any gap apart.
+    """
     diffs = [other[s] - best[s] for s in sorted(set(best) & set(other))]
     out: dict[str, Any] = {"seeds": len(diffs), "diff": None, "sd": None, "verdict": "untested"}
     if not diffs:
@@ -50,6 +58,7 @@ def versus(best: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
         return out
     n, mean, sd = len(diffs), out["diff"], out["sd"]
     critical = T95[n - 2] if n - 1 <= len(T95) else 1.96
+    sd = max(sd, step or 0.0)
     told = abs(mean) / (sd / math.sqrt(n)) > critical if sd > 0 else mean != 0
     out["verdict"] = ("better" if mean > 0 else "worse") if told else "not told apart"
     return out
@@ -194,8 +203,13 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                            "host": str(top.get("worker", "")).rpartition(":")[0]}  # fmt: skip
         table.append(row)
     table.sort(key=lambda r: -(r["val_top1"] or 0))
+    # trials stored before val_images was kept: their run directory's data.json, if here
+    sizes = {r.get("val_images") or val_images(place.run_dir(r)) for r in rows}
+    n_val = sizes.pop() if len(sizes) == 1 else None
     for r in table[1:]:
-        r["versus_best"] = versus(table[0]["val_by_seed"], r["val_by_seed"])
+        r["versus_best"] = versus(
+            table[0]["val_by_seed"], r["val_by_seed"], 1 / n_val if n_val else None
+        )
     best = []
     for entry in place.spec.entries:
         tried = search.get(entry.name, [])
@@ -212,12 +226,10 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                     "run": top["run"],
                 }
             )
-    # trials stored before val_images was kept: their run directory's data.json, if here
-    sizes = {r.get("val_images") or val_images(place.run_dir(r)) for r in rows}
     machines = sorted({_machine(r["provenance"]) for r in rows if r.get("provenance")})
     states = Counter(r["state"] for r in every)
     return {"table": table, "best": best, "machines": machines, "states": dict(states),
-            "val_images": sizes.pop() if len(sizes) == 1 else None}  # fmt: skip
+            "val_images": n_val}  # fmt: skip
 
 
 def _machine(p: dict[str, Any]) -> str:
@@ -324,7 +336,9 @@ def _noise(summary: dict[str, Any]) -> list[str]:
         f"Validation: {n:,} images. From its size alone one run's validation top-1 (near "
         f"{p:.4f}) has a standard error of about {se:.4f}: entries closer than about "
         f"{2 * se:.4f} may owe their order to which images the split holds (every seed "
-        "has the same split, so the paired test over seeds does not see this).",
+        "has the same split, so the paired test over seeds does not see this). Top-1 "
+        f"moves in steps of 1/{n:,}: the paired test reads the spread of an entry's "
+        "differences to the best as at least one step.",
         "",
     ]
 
