@@ -762,3 +762,14 @@ def test_a_repeated_waiting_trial_is_closed_not_trained_twice(tmp_path, pattern_
         ("ce", "running"), ("la", "running")]  # fmt: skip
     repeat = studies[0].get_trials(deepcopy=False)[-1]
     assert repeat.state.name == "FAIL" and repeat.user_attrs["duplicate_of"] == first.number
+
+
+def test_the_report_names_each_machine_once_with_the_commits_it_ran():
+    from longtail.studies.report import _machines
+
+    cpu = {"cpu": "AMD EPYC", "cores": 2, "cuda": None, "torch": "2.14.1"}
+    gpu = {"cpu": "Xeon", "cores": 16, "cuda": "NVIDIA H200", "torch": "2.14.1"}
+    said = _machines([{**cpu, "commit": "b"}, {**gpu, "commit": "b"}, {**cpu, "commit": "a"},
+                      {**cpu, "commit": "b"}])  # fmt: skip
+    assert said == ["AMD EPYC, 2 cores, torch 2.14.1, longtail commits b, a",
+                    "NVIDIA H200, torch 2.14.1, longtail commit b"]  # fmt: skip

@@ -226,15 +226,26 @@ def summarise(place: StudyPlace) -> dict[str, Any]:
                     "run": top["run"],
                 }
             )
-    machines = sorted({_machine(r["provenance"]) for r in rows if r.get("provenance")})
+    machines = _machines([r["provenance"] for r in rows if r.get("provenance")])
     states = Counter(r["state"] for r in every)
     return {"table": table, "best": best, "machines": machines, "states": dict(states),
             "val_images": n_val}  # fmt: skip
 
 
-def _machine(p: dict[str, Any]) -> str:
-    device = p.get("cuda") or f"{p.get('cpu')}, {p.get('cores')} cores"
-    return f"{device}, torch {p.get('torch')}, longtail commit {p.get('commit')}"
+def _machines(provenances: list[dict[str, Any]]) -> list[str]:
+    """Each kind of machine the trials ran on, once, with the longtail commits it ran (in the
+    order the trials were stored): a study resumed over weeks lists its commits, not one
+    line per commit."""
+    commits: dict[str, list[str]] = {}
+    for p in provenances:
+        device = p.get("cuda") or f"{p.get('cpu')}, {p.get('cores')} cores"
+        seen = commits.setdefault(f"{device}, torch {p.get('torch')}", [])
+        if str(p.get("commit")) not in seen:
+            seen.append(str(p.get("commit")))
+    return [
+        f"{machine}, longtail commit{'s' if len(c) > 1 else ''} {', '.join(c)}"
+        for machine, c in commits.items()
+    ]
 
 
 def _cell(mean: float | None, sd: float | None = None) -> str:
