@@ -773,3 +773,31 @@ def test_the_report_names_each_machine_once_with_the_commits_it_ran():
                       {**cpu, "commit": "b"}])  # fmt: skip
     assert said == ["AMD EPYC, 2 cores, torch 2.14.1, longtail commits b, a",
                     "NVIDIA H200, torch 2.14.1, longtail commit b"]  # fmt: skip
+
+
+def test_a_worker_leaves_the_trials_of_entries_its_study_file_lacks(tmp_path, pattern_folder):
+    """An entry added to the study file (here, or on another machine) while an older file's
+    worker runs: that worker leaves its trials waiting, says so and stops when nothing else
+    is left, rather than claiming one it cannot train (it would fail on the unknown entry)."""
+    from longtail.studies.store import _claim, open_studies, work
+
+    study = _study(tmp_path, pattern_folder, search_trials=0, seeds=[0])
+    folder = tmp_path / "out"
+    open_studies(_place(study, folder))  # ce and la waiting
+    raw = yaml.safe_load(study.read_text())
+    older = tmp_path / "older.yaml"
+    older.write_text(yaml.safe_dump({**raw, "entries": raw["entries"][:1]}))  # ce alone
+    place = _place(older, folder)
+    studies = open_studies(place, create=False)
+    s, trial = _claim(studies, known={"ce"})
+    assert trial.user_attrs["entry"] == "ce"
+    assert _claim(studies, known={"ce"}) is None  # la waits
+    s.tell(trial, state=optuna.trial.TrialState.COMPLETE, values=[0.5])
+    said: list[str] = []
+    assert work(place, say=said.append, create=False) == 0
+    assert said == [
+        "left waiting: the trials of la, which this worker's study file has no entry for "
+        "(added since it started, or on another machine): run a worker with the file that "
+        "has them"
+    ]
+    assert [r["state"] for r in trial_rows(place) if r["entry"] == "la"] == ["waiting"]

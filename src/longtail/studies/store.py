@@ -290,7 +290,9 @@ def heartbeat(storage: Any, trial: Any, every_s: float) -> Iterator[None]:
 
 
 def _claim(
-    studies: list[Any], serial: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    studies: list[Any],
+    serial: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    known: set[str] | None = None,
 ) -> tuple[Any, Any] | None:
     """The next waiting trial of the first study that has one, claimed; None if none waits.
 
@@ -303,6 +305,9 @@ def _claim(
     Args:
         studies: The study's Optuna studies, in the order their trials are claimed.
         serial: The storage's lock (``StudyPlace.serial``), held while a trial is claimed.
+        known: The entries this worker's study file has (None: any). A trial of another
+            entry, added to the file on another machine or after this worker started, is
+            left for a worker that can train it.
     """
     opt = _optuna()
     for study in studies:
@@ -315,6 +320,8 @@ def _claim(
                 continue
             tried = {_key(t) for t in trials if t.state == TrialState.FAIL}
             for t in sorted(waiting, key=lambda t: (_key(t) not in tried, t.number)):
+                if known is not None and _key(t)[0] not in known:
+                    continue
                 try:  # the storage's compare-and-set: False if another worker took it first
                     if not study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                         continue
@@ -384,6 +391,17 @@ def _key(trial: Any) -> tuple[Any, Any]:
     return trial.user_attrs.get("entry"), trial.user_attrs.get("run")
 
 
+def _say_unknown(studies: list[Any], known: set[str], say: Any) -> None:
+    """One line on the waiting trials this worker left: entries its study file lacks."""
+    names = sorted({str(_key(t)[0]) for s in studies
+                    for t in s.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                    if _key(t)[0] is not None and _key(t)[0] not in known})  # fmt: skip
+    if names:
+        say(f"left waiting: the trials of {', '.join(names)}, which this worker's study file "
+            "has no entry for (added since it started, or on another machine): run a "
+            "worker with the file that has them")  # fmt: skip
+
+
 def _running(studies: list[Any]) -> bool:
     return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in studies)
 
@@ -447,12 +465,14 @@ def work(
     studies = open_studies(place, create=create)
     check_unchanged(place, studies)
     storage = studies[0]._storage
+    known = {e.name for e in place.spec.entries}
     done = 0
     with sigterm_stops():
         while True:
-            claimed = _claim(studies, place.serial)
+            claimed = _claim(studies, place.serial, known)
             if claimed is None:
                 if not _running(studies):
+                    _say_unknown(studies, known, say)
                     return done
                 time.sleep(place.spec.heartbeat_s)  # another worker's trial: back if it died
                 continue
