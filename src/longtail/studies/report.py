@@ -146,7 +146,8 @@ def status_lines(place: StudyPlace, p: dict[str, Any] | None = None, width: int 
     if p["left_s"] and p["finished"] < p["total"]:
         lines.append(
             f"  about {_duration(p['left_s'])} left at the pace of the workers running now "
-            "(each trial: its entry's finished ones' mean wall time)"
+            "(each trial: its entry's finished ones' mean wall time; for an entry with none, "
+            "all finished trials')"
         )
     for entry, c in p["counts"].items():
         said = ", ".join(f"{c[s]} {s}" for s in STATES if c[s])
