@@ -627,12 +627,14 @@ def test_the_report_tells_entries_apart_from_the_best_by_a_paired_t_test():
     words = _verdicts(table)
     assert words == (
         "Best on validation: a. By a paired t-test of validation top-1 over the seeds both ran "
-        "(95%), worse than it: b, f; better than it: e; not told apart from it: c. Two seeds "
-        "tell only large differences apart; more seeds narrow it. Untested, sharing fewer than "
-        "two seeds with it: d."
+        "(95%), worse than it: b, f; better than it: e; not told apart from it: c. Three "
+        "seeds tell only large differences apart; more seeds narrow it. Untested, sharing "
+        "fewer than two seeds with it: d."
     )
+    two = [*table[:2], {"entry": "g", "versus_best": versus(best, {0: 0.81, 1: 0.81})}]
+    assert "not told apart from it: g. Two seeds tell only" in _verdicts(two)  # the fewest
     assert [_versus_cell(r["versus_best"]).split(": ")[1] for r in table[1:3]] == [
-        "worse", "not told apart (3 seeds)"]  # fmt: skip
+        "worse (3 seeds)", "not told apart (3 seeds)"]  # fmt: skip
     assert _versus_cell(table[3]["versus_best"]) == "-0.1200: untested (one seed)"
 
 

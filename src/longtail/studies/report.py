@@ -385,17 +385,21 @@ def _versus_cell(v: dict[str, Any] | None) -> str:
     if v["diff"] is None:
         return "no shared seed"
     sd = f" ± {v['sd']:.4f}" if v["sd"] is not None else ""
-    seeds = {"not told apart": f" ({v['seeds']} seeds)", "untested": " (one seed)"}.get(
-        v["verdict"], ""
-    )
+    seeds = " (one seed)" if v["verdict"] == "untested" else f" ({v['seeds']} seeds)"
     return f"{v['diff']:+.4f}{sd}: {v['verdict']}{seeds}"
+
+
+NUMBERS = ("None", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
 
 
 def _verdicts(table: list[dict[str, Any]]) -> str:
     """The paired tests against the best entry, in words."""
     by: dict[str, list[str]] = defaultdict(list)
+    apart_seeds = []  # the seeds of each pair the test could not tell apart
     for r in table[1:]:
         by[r["versus_best"]["verdict"]].append(r["entry"])
+        if r["versus_best"]["verdict"] == "not told apart":
+            apart_seeds.append(r["versus_best"]["seeds"])
     said = [f"Best on validation: {table[0]['entry']}."]
     # "better": entries are ranked by their means over all their seeds, so on the seeds
     # shared with the best the order may turn
@@ -405,8 +409,10 @@ def _verdicts(table: list[dict[str, Any]]) -> str:
     if tested:
         said.append("By a paired t-test of validation top-1 over the seeds both ran (95%), "
                     + "; ".join(tested) + ".")  # fmt: skip
-    if by["not told apart"]:
-        said.append("Two seeds tell only large differences apart; more seeds narrow it.")
+    if apart_seeds:
+        n = min(apart_seeds)
+        count = NUMBERS[n] if n < len(NUMBERS) else str(n)
+        said.append(f"{count} seeds tell only large differences apart; more seeds narrow it.")
     if by["untested"]:
         said.append(f"Untested, sharing fewer than two seeds with it: {', '.join(by['untested'])}.")
     return " ".join(said)
