@@ -194,6 +194,14 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert load_study(tmp_path / "more.yaml")[0].entry("la-best").set["optim.lr"] > 0
     png = (folder / "report-per-class.png").read_bytes()
     assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page
+    # the numbers for scripts: the same rows, seed by seed
+    numbers = json.loads((folder / "report.json").read_text())
+    assert numbers["study"] == "tiny" and numbers["epochs"] == yaml.safe_load(
+        study.read_text()).get("epochs")  # fmt: skip
+    by_entry = {r["entry"]: r for r in numbers["table"]}
+    assert [f"{x:.4f}" for x in by_entry["la"]["top1_per_seed"]] == la[6].split(", ")
+    assert len(by_entry["la"]["per_class"]) == len(by_entry["la"]["classes"]) > 1
+    assert numbers["best"][0]["params"]["optim.lr"] == best_lr
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right
     assert "<pre>- {name: la-best, " in page  # a code block, and `code` spans
     assert f"<code>longtail predict {run} IMAGES</code>" in page

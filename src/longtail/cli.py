@@ -491,11 +491,12 @@ def study_status(
 
 @study_app.command("report")
 def study_report(study: StudyFile, folder: StudyDir = None, storage: Storage = None) -> None:
-    """Write report.html, report.md and report-per-class.png from the finished trials."""
+    """Write report.html, report.md, report.json and report-per-class.png from the finished
+    trials."""
     place = _place(study, folder, storage)
     with place.failures():
         html_path, md_path = write_report(place)
-    print(f"report: {html_path}\nmarkdown: {md_path}")
+    print(f"report: {html_path}\nmarkdown: {md_path}\nnumbers: {md_path.with_suffix('.json')}")
 
 
 def main() -> None:

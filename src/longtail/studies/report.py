@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 import socket
@@ -464,8 +465,10 @@ def _per_class_png(table: list[dict[str, Any]], best: int = 4) -> str:
 
 
 def write_report(place: StudyPlace) -> tuple[Path, Path]:
-    """``report.html`` and ``report.md`` in the study folder, and the page's per-class plot
-    as ``report-per-class.png``.
+    """``report.html`` and ``report.md`` in the study folder, the page's per-class plot as
+    ``report-per-class.png`` and its numbers as ``report.json`` (``summarise``'s: per entry
+    the metrics by seed, their means and sds, the per-class accuracies and the paired test;
+    each search's best trial; the machines), for scripts.
 
     Raises:
         UsageError: When no trial has finished yet.
@@ -482,6 +485,8 @@ def write_report(place: StudyPlace) -> tuple[Path, Path]:
     html_path.write_text(_html(place, md, plot), encoding="utf-8")
     if plot:  # the page's plot as a file too, for a README beside report.md
         (place.folder / "report-per-class.png").write_bytes(base64.b64decode(plot))
+    numbers = {"study": place.spec.name, "epochs": place.spec.epochs, **summary}
+    (place.folder / "report.json").write_text(json.dumps(numbers, indent=1) + "\n")
     return html_path, md_path
 
 
