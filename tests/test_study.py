@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import html
 import json
 import math
 import os
@@ -205,7 +206,9 @@ def test_two_workers_share_a_study_in_sqlite_and_report_it(tmp_path, pattern_fol
     assert "<td>Menon et al., ICLR 2021</td>" in page  # words to the left, numbers right
     assert "<pre>- {name: la-best, " in page  # a code block, and `code` spans
     assert f"<code>longtail predict {run} IMAGES</code>" in page
-    assert f"<td class=n>{la[6]}</td>" in page
+    assert f"<td class='n w'>{la[6]}</td>" in page  # numbers: right, on one line
+    verdict = (table["ce"] if la[4] == "best" else la)[4]  # "-0.1234 ± ...: not told apart"
+    assert f"<td class=n>{html.escape(verdict)}</td>" in page  # may wrap
     speeds = [r["images_per_s"] for r in fixed if r["entry"] == "la"]
     assert la[-1] == f"{sum(speeds) / 2:.0f}" and all(v > 0 for v in speeds)  # training images/s
     summary = summarise(_place(study, folder))

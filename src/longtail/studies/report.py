@@ -493,7 +493,10 @@ def write_report(place: StudyPlace) -> tuple[Path, Path]:
 def _td(cell: str) -> str:
     """A table cell; numbers (and a number's dash) right-aligned."""
     number = cell == "-" or re.match(r"[-+]?\d", cell) is not None
-    return f"<td{' class=n' if number else ''}>{html.escape(cell)}</td>"
+    # a number, a mean ± sd or a list of them does not break across lines
+    whole = cell == "-" or re.fullmatch(r"[-+]?[\d.]+( ± [\d.]+)?(, [\d.]+)*", cell) is not None
+    kind = " class=n" if number and not whole else " class='n w'" if whole else ""
+    return f"<td{kind}>{html.escape(cell)}</td>"
 
 
 def _html(place: StudyPlace, md: str, plot: str | None) -> str:
@@ -523,9 +526,11 @@ def _html(place: StudyPlace, md: str, plot: str | None) -> str:
         body.append("<h2>Per-class test accuracy, head to tail (best entries)</h2>")
         body.append(f'<img alt="per-class accuracy" src="data:image/png;base64,{plot}">')
     style = (
-        "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:"
         "collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-        "td.n{text-align:right}"
+        "td.n{text-align:right;min-width:11em}td.w{white-space:nowrap;min-width:0}"
+        "td:first-child{white-space:nowrap}td:nth-child(2){min-width:10em}table{font-size:90%}"
+        "p,h2{max-width:70em}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>study "
