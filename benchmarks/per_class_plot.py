@@ -32,6 +32,10 @@ def per_class_rows(runs: dict[str, dict]) -> dict[str, dict]:
         rows[name] = {
             "seeds": sorted(r["seed"] for r in seeds),
             "top1": statistics.fmean(r["top1"] for r in seeds),
+            # a study's runs have a validation split: rank on it, never on the test set
+            "val_top1": statistics.fmean(r["val_top1"] for r in seeds)
+            if all(r.get("val_top1") is not None for r in seeds)
+            else None,
             "mean": [statistics.fmean(c) for c in per_seed],
             "low": [min(c) for c in per_seed],
             "high": [max(c) for c in per_seed],
@@ -40,12 +44,15 @@ def per_class_rows(runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def plot(results: dict, top: int, baseline: str, out: Path) -> dict:
-    """Draw the ``top`` entries by mean top-1 and ``baseline``; returns the plotted numbers."""
+    """Draw the ``top`` entries and ``baseline``; returns the plotted numbers. Entries are
+    ranked by mean validation top-1 where every run has one (a study's), else by test top-1
+    (tables made before the validation split)."""
     runs = results["runs"]
     rows = per_class_rows(runs)
     if baseline not in rows:
         raise SystemExit(f"--baseline {baseline!r} is not in the table; entries: {sorted(rows)}")
-    best = sorted((n for n in rows if n != baseline), key=lambda n: -rows[n]["top1"])[:top]
+    on = "val_top1" if all(r["val_top1"] is not None for r in rows.values()) else "top1"
+    best = sorted((n for n in rows if n != baseline), key=lambda n: -rows[n][on])[:top]
     first = next(iter(runs.values()))
     counts, classes = first["train_counts"], first["classes"]
     order = sorted(range(len(classes)), key=lambda c: (-counts[c], c))

@@ -68,6 +68,10 @@ def test_per_class_plot_orders_head_to_tail_and_averages_seeds(tmp_path):
     with pytest.raises(SystemExit, match="'bogus' is not in the table"):
         per_class_plot.plot(results, 1, "bogus", tmp_path / "q.png")
     json.dumps(shown)  # the script writes it beside the PNG
+    # a study's runs carry validation top-1: the best are chosen on it, not on test
+    for key, val in (("x@seed0", 0.6), ("x@seed1", 0.6), ("y@seed0", 0.7), ("ce@seed0", 0.1)):
+        runs[key]["val_top1"] = val
+    assert list(per_class_plot.plot(results, 1, "ce", tmp_path / "p.png")) == ["y", "ce"]
 
 
 def test_imbalance_ratio_reads_the_data_ratio_override():
