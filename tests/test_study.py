@@ -356,6 +356,9 @@ def test_a_stopped_study_resumes_without_losing_a_finished_trial(tmp_path, patte
     done = sum(r["seeds"] for r in summary["table"])
     said = markdown(_place(study, folder), summary)
     assert f"Unfinished when written: {done} of 4 trials finished (" in said, said
+    missing = [e for e in ("ce", "la") if e not in {r["entry"] for r in summary["table"]}]
+    assert (f"No trial finished yet, so not in the table: {', '.join(missing)}." in said) == (
+        bool(missing)), said  # fmt: skip
     resumed = _cli("study", "run", str(study), "--dir", str(folder))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     for run_dir, mtime in finished.items():  # not trained again

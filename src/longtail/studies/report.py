@@ -272,6 +272,10 @@ def markdown(place: StudyPlace, summary: dict[str, Any]) -> str:
         *_noise(summary),
         *_unfinished(summary.get("states", {})),
     ]
+    shown = {r["entry"] for r in summary["table"]} | {b["entry"] for b in summary["best"]}
+    missing = [e.name for e in spec.entries if e.name not in shown]
+    if missing:
+        lines += [f"No trial finished yet, so not in the table: {', '.join(missing)}.", ""]
     # a shot group with no class in this data (Fashion-MNIST-LT at ratio 100 has no class
     # under 20 images): its column is left out and said so
     groups = ("many", "medium", "few")
